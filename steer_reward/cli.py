@@ -1,0 +1,45 @@
+"""``steer-reward`` command line: one subcommand per module under ``steer_reward.commands``.
+
+Known user errors (bad config, missing model folder, bad input line, missing extra) print one clear line and
+exit 2; nothing prints a traceback for a mistake in what the user gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+# Module names under steer_reward.commands; each defines register(subparsers).
+COMMANDS = ["score", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steer-reward",
+        description="Multi-attribute reward models as the reward of an RLHF loop.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"steer_reward.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steer_reward.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        print(f"steer-reward {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Configuration: YAML files and dicts into dataclasses, one dataclass per concern.
+
+Every option is a dataclass field with its documentation right under it. Unknown keys are an error that names the
+key and the closest valid one; ``--set a.b=value`` overrides address the same dotted names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from steer_reward.schema import closest
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "BatchingConfig",
+    "LengthPenaltyConfig",
+    "ShapingConfig",
+    "DeepSpeedConfig",
+    "RemoteConfig",
+    "ServerConfig",
+    "SteerRewardConfig",
+    "load_config",
+    "apply_overrides",
+    "parse_override",
+]
+
+BACKENDS = ("local", "deepspeed", "remote")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face folder of a ``*ForSequenceClassification`` reward model, or "demo" for the embedded
+    random-weight demo model."""
+    schema: str = "auto"
+    """What the head's outputs mean: "auto", "id2label" (read the checkpoint's labels) or a built-in schema
+    ("steerlm9", "armorm19")."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16, float16 or auto (the checkpoint's own)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    template: str = "chat_template"
+    """How (prompt, completion) becomes text: chat_template (the RM tokenizer's), steerlm (the <extra_id_*>
+    template of SteerLM reward models) or raw (prompt + completion)."""
+    system_prompt: str | None = None
+    """System turn for the steerlm template; None uses SteerLM's standard system prompt."""
+    max_length: int = 4096
+    """Longest token sequence the model scores; longer ones lose prompt tokens from the left."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own Python code (ArmoRM-style models need it). Off unless asked."""
+    allow_pickle: bool = False
+    """Allow loading pickle (.bin) weights; safetensors only by default."""
+    adapter: str | None = None
+    """Folder of a PEFT/LoRA adapter merged into the model at load."""
+
+
+@dataclass
+class BatchingConfig:
+    max_tokens: int = 16384
+    """Token budget of one micro-batch, counted as padded tokens (rows × longest row); bounds peak memory."""
+    max_batch_size: int = 256
+    """Most sequences in one micro-batch."""
+
+
+@dataclass
+class LengthPenaltyConfig:
+    alpha: float = 0.0
+    """Penalty scale: reward −= alpha · max(0, len − target_tokens) / target_tokens. 0 turns it off."""
+    target_tokens: int = 512
+    """Completion length (tokens) above which the penalty starts."""
+
+
+@dataclass
+class ShapingConfig:
+    weights: Any = None
+    """A preset name, or {attribute: weight}, optionally with preset: NAME to start from a preset. None uses the
+    schema's first preset."""
+    bias: float = 0.0
+    """Constant added to the weighted sum."""
+    decorrelate: dict | None = None
+    """{attribute: lambda}: a'_k = a_k − lambda_k · a_verbosity before weighting (ArmoRM's rule)."""
+    normalization: str = "none"
+    """Per-attribute normalization before weighting: none, running (Welford statistics) or fixed (stats_file)."""
+    stats_file: str | None = None
+    """JSON/YAML file {attribute: {mean: m, std: s}} for normalization: fixed."""
+    update_running_stats: bool = True
+    """With running normalization, whether the training faces update the statistics on every call."""
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
+    """Token-length penalty on the completion."""
+    reward_normalization: str = "none"
+    """Normalization of the final scalar: none or running (Welford over rewards)."""
+    clip: list | None = None
+    """[lo, hi] to clip the final reward to, or None."""
+    eps: float = 1e-6
+    """Added to standard deviations before dividing."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config_file: str | None = None
+    """A DeepSpeed JSON for ZeRO-3 inference; None builds one (stage 3, no optimizer)."""
+    offload_params: bool = False
+    """Offload the RM's parameters to CPU memory."""
+    timeout_s: float = 1800.0
+    """Distributed timeout: a dead rank ends in an error after this long instead of hanging."""
+
+
+@dataclass
+class RemoteConfig:
+    urls: list = field(default_factory=list)
+    """Reward servers (``http://HOST:PORT``), tried round-robin."""
+    token: str | None = None
+    """Bearer token; None reads token_env."""
+    token_env: str = "STEER_REWARD_TOKEN"
+    """Environment variable holding the bearer token."""
+    timeout_s: float = 180.0
+    """Per-request timeout."""
+    retries: int = 5
+    """Tries per request before giving up with an error."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; loopback unless opened on purpose."""
+    port: int = 8000
+    """Port to listen on."""
+    max_wait_ms: float = 5.0
+    """Longest a request waits for a batch to fill."""
+    max_batch_tokens: int = 32768
+    """Token budget of one batch across requests."""
+    max_queue: int = 4096
+    """Pending samples past which requests get 503 with Retry-After."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted."""
+    max_items_per_request: int = 1024
+    """Most samples in one request."""
+    token_env: str = "STEER_REWARD_TOKEN"
+    """Environment variable holding the bearer token required by the server (unset: no auth)."""
+
+
+@dataclass
+class SteerRewardConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The reward model and how text is formatted for it."""
+    backend: str = "local"
+    """Where the model runs: local, deepspeed (ZeRO-3, colocated) or remote (HTTP)."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """Micro-batch planning."""
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    """Attributes → scalar reward."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Options of backend: deepspeed."""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    """Options of backend: remote."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """Options of ``steer-reward serve``."""
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16", "auto"))
+        _check_choice("model.template", self.model.template, ("chat_template", "steerlm", "raw"))
+        _check_choice("shaping.normalization", self.shaping.normalization, ("none", "running", "fixed"))
+        _check_choice("shaping.reward_normalization", self.shaping.reward_normalization, ("none", "running"))
+        if self.shaping.normalization == "fixed" and not self.shaping.stats_file:
+            raise ConfigError("shaping.normalization is 'fixed' but shaping.stats_file is not set")
+        clip = self.shaping.clip
+        if clip is not None and (len(clip) != 2 or not float(clip[0]) < float(clip[1])):
+            raise ConfigError(f"shaping.clip must be [lo, hi] with lo < hi, got {clip!r}")
+        for key, value in (("model.max_length", self.model.max_length), ("batching.max_tokens",
+                           self.batching.max_tokens), ("batching.max_batch_size", self.batching.max_batch_size),
+                           ("shaping.length_penalty.target_tokens", self.shaping.length_penalty.target_tokens)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        for key, value in (("shaping.bias", self.shaping.bias), ("shaping.length_penalty.alpha",
+                           self.shaping.length_penalty.alpha)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be finite, got {value}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}{closest(value, choices)}")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        return (args[0] if len(args) == 1 else Any), optional
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    base = typing.get_origin(tp) or tp
+    if base is Any:
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if base in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if base is int and float(value) != int(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return base(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if base is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    if base is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in valid:
+            raise ConfigError(f"unknown config key {dotted!r}{closest(str(key), valid)}; valid keys here: {valid}")
+        kwargs[key] = _coerce(dotted, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"shaping.weights.verbosity=-1.0"`` → ``("shaping.weights.verbosity", -1.0)``; values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def apply_overrides(data: Mapping, overrides: Mapping[str, Any] | None) -> dict:
+    """A copy of the raw config ``data`` with dotted-key ``overrides`` applied.
+
+    Overriding one attribute of a preset-named ``shaping.weights`` keeps the preset's other weights.
+    """
+    result = copy.deepcopy(dict(data))
+    for dotted, value in (overrides or {}).items():
+        parts = dotted.split(".")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if isinstance(child, str) and ".".join(parts[: depth + 1]) == "shaping.weights":
+                child = {"preset": child}
+            elif child is None and ".".join(parts[: depth + 1]) == "shaping.weights":
+                child = {}
+            elif child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(source: str | Path | Mapping | SteerRewardConfig | None = None,
+                overrides: Mapping[str, Any] | None = None) -> SteerRewardConfig:
+    """A ``SteerRewardConfig`` from a YAML path, a dict or a config, with dotted ``overrides`` applied.
+
+    >>> load_config({"shaping": {"weights": "helpfulness"}}).shaping.weights
+    'helpfulness'
+    """
+    if isinstance(source, SteerRewardConfig):
+        source = source.to_dict()
+    if source is None:
+        data: Mapping = {}
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    elif isinstance(source, Mapping):
+        data = source
+    else:
+        raise ConfigError(f"config must be a YAML path or a mapping, got {type(source).__name__}")
+    return _build(SteerRewardConfig, apply_overrides(data, overrides))

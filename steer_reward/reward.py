@@ -1,0 +1,108 @@
+"""``SteerReward``: a multi-attribute scorer plus a reward shaper, the object every face is built on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from steer_reward.config import SteerRewardConfig, load_config
+from steer_reward.formatting import Completion, Prompt
+from steer_reward.schema import AttributeSchema
+from steer_reward.scoring import AttributeScores
+from steer_reward.shaping import RewardShaper
+
+__all__ = ["ScoredBatch", "SteerReward", "build_scorer"]
+
+
+@dataclass
+class ScoredBatch:
+    """Attributes and shaped rewards of n samples, in input order."""
+
+    attributes: AttributeScores
+    rewards: torch.Tensor
+    """Shape: ``(n,)``, float32."""
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+def build_scorer(config: SteerRewardConfig) -> Any:
+    """The attribute scorer for ``config.backend``; heavy backends are imported only when chosen."""
+    if config.backend == "deepspeed":
+        from steer_reward.backends.deepspeed import build_deepspeed_scorer
+
+        return build_deepspeed_scorer(config)
+    if config.backend == "remote":
+        from steer_reward.backends.remote import RemoteAttributeScorer
+
+        return RemoteAttributeScorer.from_config(config)
+    from steer_reward.scoring import AttributeScorer
+
+    return AttributeScorer.from_config(config)
+
+
+class SteerReward:
+    """Scores (prompt, completion) pairs per attribute and shapes them into one reward each.
+
+    >>> reward = SteerReward.from_config("configs/rewards/steerlm-70b.yaml", model="demo")  # doctest: +SKIP
+    >>> reward(["What is 2+2?"], ["4"])  # doctest: +SKIP
+    [0.73...]
+    """
+
+    def __init__(self, scorer: Any, shaper: RewardShaper, config: SteerRewardConfig | None = None) -> None:
+        self.scorer = scorer
+        self.shaper = shaper
+        self.config = config or SteerRewardConfig()
+
+    @classmethod
+    def from_config(cls, source: str | Path | Mapping | SteerRewardConfig | None = None, model: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> "SteerReward":
+        """Build from a YAML path or dict; ``model`` replaces ``model.path`` ("demo" allowed); ``overrides`` are
+        dotted keys like the CLI's ``--set`` (``{"shaping.weights.verbosity": -1.0}``)."""
+        overrides = dict(overrides or {})
+        if model is not None:
+            overrides["model.path"] = str(model)
+        config = load_config(source, overrides)
+        scorer = build_scorer(config)
+        shaper = RewardShaper(scorer.schema, config.shaping, sync=getattr(scorer, "moments_sync", None))
+        return cls(scorer, shaper, config)
+
+    @property
+    def schema(self) -> AttributeSchema:
+        return self.scorer.schema
+
+    def rewards(self, attributes: AttributeScores, lengths: Sequence[int] | torch.Tensor | None = None,
+                update_stats: bool = False) -> torch.Tensor:
+        """Shaped rewards of already-scored attributes; runs no model. Shape: ``(n,)``.
+
+        ``lengths`` replaces the reward model's completion token counts for the length penalty (e.g. the
+        policy's own token counts).
+        """
+        if lengths is None:
+            lengths = attributes.completion_lengths
+        elif len(lengths) != len(attributes):
+            raise ValueError(f"got {len(lengths)} lengths for {len(attributes)} samples")
+        return self.shaper(attributes.values, torch.as_tensor(lengths), update_stats=update_stats)
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
+              lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> ScoredBatch:
+        """Attributes and rewards of each (prompt, completion), in input order."""
+        attributes = self.scorer.score(prompts, completions)
+        return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats))
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
+                 lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> list[float]:
+        return self.score(prompts, completions, lengths=lengths, update_stats=update_stats).rewards.tolist()
+
+    def with_weights(self, weights: Mapping[str, float] | str) -> "SteerReward":
+        """The same scorer and normalization state under other weights (no model is loaded again)."""
+        return SteerReward(self.scorer, self.shaper.with_weights(weights), self.config)
+
+    def state_dict(self) -> dict:
+        return self.shaper.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.shaper.load_state_dict(state)

@@ -1,0 +1,229 @@
+"""Attributes [n, K] → reward [n]: DESIGN.md's five shaping steps.
+
+1. live attributes, optional decorrelation ``a'_k = a_k − λ_k · a_verbosity``;
+2. per-attribute normalization: none, running (Welford, updated only when asked, mergeable across ranks), or
+   fixed mean/std from a file;
+3. ``r = Σ_k w_k a'_k + bias`` (dead outputs always weigh 0);
+4. verbosity: the verbosity attribute's weight, and a token-length penalty ``α · max(0, len − L) / L``;
+5. optional running reward normalization, then clipping to ``[lo, hi]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+import yaml
+
+from steer_reward.config import ConfigError, ShapingConfig
+from steer_reward.schema import AttributeSchema
+
+__all__ = ["Moments", "RunningStats", "RewardShaper", "load_fixed_stats"]
+
+
+class Moments:
+    """(count, mean, M2) of a set of rows, per column; merges exactly (Chan et al.). Shape: ``(K,)`` each."""
+
+    def __init__(self, count: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        self.count = float(count)
+        self.mean = mean.double()
+        self.m2 = m2.double()
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Moments":
+        """Moments of the rows of ``x``. Shape: ``(n, K)``."""
+        x = x.double()
+        if x.shape[0] == 0:
+            return cls(0, torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64))
+        mean = x.mean(0)
+        return cls(x.shape[0], mean, ((x - mean) ** 2).sum(0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        n = self.count + other.count
+        if n == 0:
+            return Moments(0, self.mean.clone(), self.m2.clone())
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+
+MomentsSync = Callable[[Moments], Moments]
+"""Turns this process's batch moments into the moments of the whole batch across ranks."""
+
+
+class RunningStats:
+    """Running per-column mean and variance (Welford), identical on every rank when given a ``sync``.
+
+    >>> stats = RunningStats(2)
+    >>> stats.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    >>> stats.mean.tolist(), stats.var.tolist()
+    ([2.0, 3.0], [1.0, 1.0])
+    """
+
+    def __init__(self, size: int) -> None:
+        self.moments = Moments(0, torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64))
+
+    @property
+    def count(self) -> float:
+        return self.moments.count
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.moments.mean
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance (numpy's default ``ddof=0``)."""
+        if self.moments.count == 0:
+            return torch.ones_like(self.moments.m2)
+        return self.moments.m2 / self.moments.count
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    def update(self, x: torch.Tensor, sync: MomentsSync | None = None) -> None:
+        """Add the rows of ``x`` (``(n, K)``); with ``sync``, the rows of every rank."""
+        batch = Moments.of(x)
+        if sync is not None:
+            batch = sync(batch)
+        self.moments = self.moments.merge(batch)
+
+    def state_dict(self) -> dict:
+        return {"count": self.moments.count, "mean": self.moments.mean.tolist(), "m2": self.moments.m2.tolist()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        mean = torch.tensor(state["mean"], dtype=torch.float64)
+        if mean.shape != self.moments.mean.shape:
+            raise ValueError(f"running stats of size {tuple(mean.shape)} do not fit size {tuple(self.mean.shape)}")
+        self.moments = Moments(float(state["count"]), mean, torch.tensor(state["m2"], dtype=torch.float64))
+
+
+def load_fixed_stats(path: str | Path, schema: AttributeSchema) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) over all K outputs from a JSON/YAML ``{attribute: {mean, std}}``; unlisted: (0, 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"shaping.stats_file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"shaping.stats_file {path}: cannot parse ({err})") from None
+    mean = torch.zeros(schema.num_outputs, dtype=torch.float64)
+    std = torch.ones(schema.num_outputs, dtype=torch.float64)
+    for name, entry in (data or {}).items():
+        i = schema.index(name)
+        try:
+            mean[i], std[i] = float(entry["mean"]), float(entry["std"])
+        except (TypeError, KeyError, ValueError):
+            raise ConfigError(f"shaping.stats_file {path}: {name!r} needs numeric 'mean' and 'std'") from None
+        if not std[i] > 0:
+            raise ConfigError(f"shaping.stats_file {path}: std of {name!r} must be positive, got {entry['std']}")
+    return mean, std
+
+
+class RewardShaper:
+    """Turns attribute scores into scalar rewards; holds the running normalization state.
+
+    >>> from steer_reward.schema import STEERLM9
+    >>> shaper = RewardShaper(STEERLM9, ShapingConfig(weights="helpfulness"))
+    >>> shaper(torch.tensor([[0, 0, 0, 0, 3.0, 1, 1, 1, 1]]), torch.tensor([10])).tolist()
+    [3.0]
+    """
+
+    def __init__(self, schema: AttributeSchema, config: ShapingConfig | None = None,
+                 sync: MomentsSync | None = None) -> None:
+        self.schema = schema
+        self.config = config or ShapingConfig()
+        self.sync = sync
+        """Cross-rank merge of batch moments (set by the DeepSpeed backend)."""
+        self.weights = torch.tensor(schema.weight_vector(self.config.weights), dtype=torch.float64)
+        self.lambdas = torch.zeros(schema.num_outputs, dtype=torch.float64)
+        if self.config.decorrelate:
+            if schema.verbosity is None:
+                raise ConfigError(f"shaping.decorrelate needs a verbosity attribute; schema {schema.name!r} has none")
+            for name, lam in self.config.decorrelate.items():
+                if name == schema.verbosity:
+                    raise ConfigError("shaping.decorrelate: the verbosity attribute cannot be decorrelated from itself")
+                self.lambdas[schema.index(name)] = float(lam)
+        self.attribute_stats = RunningStats(schema.num_outputs)
+        self.reward_stats = RunningStats(1)
+        self.fixed_mean: torch.Tensor | None = None
+        self.fixed_std: torch.Tensor | None = None
+        if self.config.normalization == "fixed":
+            self.fixed_mean, self.fixed_std = load_fixed_stats(self.config.stats_file, schema)
+
+    @property
+    def needs_lengths(self) -> bool:
+        return self.config.length_penalty.alpha != 0.0
+
+    @property
+    def has_running_state(self) -> bool:
+        return self.config.normalization == "running" or self.config.reward_normalization == "running"
+
+    def with_weights(self, weights: Mapping[str, float] | str) -> "RewardShaper":
+        """A shaper like this one under other weights, sharing this one's normalization state."""
+        clone = RewardShaper.__new__(RewardShaper)
+        clone.__dict__.update(self.__dict__)
+        clone.weights = torch.tensor(self.schema.weight_vector(weights), dtype=torch.float64)
+        return clone
+
+    def decorrelated(self, attributes: torch.Tensor) -> torch.Tensor:
+        """Step 1. Shape: ``(n, K)`` → ``(n, K)``, float64."""
+        a = attributes.double()
+        if self.config.decorrelate:
+            v = self.schema.index(self.schema.verbosity)
+            a = a - self.lambdas[None, :] * a[:, v : v + 1]
+        return a
+
+    def normalized(self, a: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
+        """Step 2 on decorrelated attributes. Shape: ``(n, K)``."""
+        mode, eps = self.config.normalization, self.config.eps
+        if mode == "running":
+            if update_stats:
+                self.attribute_stats.update(a, self.sync)
+            if self.attribute_stats.count == 0:
+                return a
+            return (a - self.attribute_stats.mean) / (self.attribute_stats.std + eps)
+        if mode == "fixed":
+            return (a - self.fixed_mean) / (self.fixed_std + eps)
+        return a
+
+    def length_penalty(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Step 4's penalty. Shape: ``(n,)``."""
+        cfg = self.config.length_penalty
+        over = (lengths.double() - cfg.target_tokens).clamp(min=0)
+        return cfg.alpha * over / cfg.target_tokens
+
+    def __call__(self, attributes: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None,
+                 update_stats: bool = False) -> torch.Tensor:
+        """Rewards from attributes ``(n, K)`` and completion token lengths ``(n,)``. Shape: ``(n,)``, float32.
+
+        ``update_stats`` adds this batch to the running statistics before normalizing with them.
+        """
+        if attributes.dim() != 2 or attributes.shape[1] != self.schema.num_outputs:
+            raise ValueError(f"attributes must have shape (n, {self.schema.num_outputs}), got {tuple(attributes.shape)}")
+        a = self.normalized(self.decorrelated(attributes.cpu()), update_stats)
+        rewards = a @ self.weights + self.config.bias
+        if self.needs_lengths:
+            if lengths is None:
+                raise ValueError("the length penalty needs completion token lengths")
+            rewards = rewards - self.length_penalty(torch.as_tensor(lengths).cpu())
+        if self.config.reward_normalization == "running":
+            if update_stats:
+                self.reward_stats.update(rewards[:, None], self.sync)
+            if self.reward_stats.count > 0:
+                rewards = (rewards - self.reward_stats.mean[0]) / (self.reward_stats.std[0] + self.config.eps)
+        if self.config.clip is not None:
+            lo, hi = (float(c) for c in self.config.clip)
+            rewards = rewards.clamp(lo, hi)
+        return rewards.float()
+
+    def state_dict(self) -> dict:
+        return {"attribute_stats": self.attribute_stats.state_dict(), "reward_stats": self.reward_stats.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.attribute_stats.load_state_dict(state["attribute_stats"])
+        self.reward_stats.load_state_dict(state["reward_stats"])
