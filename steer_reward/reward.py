@@ -97,6 +97,22 @@ class SteerReward:
                  lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> list[float]:
         return self.score(prompts, completions, lengths=lengths, update_stats=update_stats).rewards.tolist()
 
+    @property
+    def is_async(self) -> bool:
+        """True when the scorer is remote (has ``ascore``): faces should then be async."""
+        return hasattr(self.scorer, "ascore")
+
+    async def ascore(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
+                     lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> ScoredBatch:
+        """``score`` for async callers: awaits a remote scorer, or runs a local one in a worker thread."""
+        if self.is_async:
+            attributes = await self.scorer.ascore(prompts, completions)
+        else:
+            import asyncio
+
+            attributes = await asyncio.to_thread(self.scorer.score, prompts, completions)
+        return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats))
+
     def with_weights(self, weights: Mapping[str, float] | str) -> "SteerReward":
         """The same scorer and normalization state under other weights (no model is loaded again)."""
         return SteerReward(self.scorer, self.shaper.with_weights(weights), self.config)
