@@ -180,16 +180,21 @@ class RewardShaper:
 
     def normalized(self, a: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
         """Step 2 on decorrelated attributes. Shape: ``(n, K)``."""
-        mode, eps = self.config.normalization, self.config.eps
+        mode = self.config.normalization
         if mode == "running":
             if update_stats:
                 self.attribute_stats.update(a, self.sync)
             if self.attribute_stats.count == 0:
                 return a
-            return (a - self.attribute_stats.mean) / (self.attribute_stats.std + eps)
+            return (a - self.attribute_stats.mean) / self._denominator(self.attribute_stats.std)
         if mode == "fixed":
-            return (a - self.fixed_mean) / (self.fixed_std + eps)
+            return (a - self.fixed_mean) / self._denominator(self.fixed_std)
         return a
+
+    def _denominator(self, std: torch.Tensor) -> torch.Tensor:
+        # A constant attribute (std 0, e.g. after one sample) is centred, not blown up to inf/nan.
+        denominator = std + self.config.eps
+        return torch.where(denominator > 0, denominator, torch.ones_like(denominator))
 
     def length_penalty(self, lengths: torch.Tensor) -> torch.Tensor:
         """Step 4's penalty. Shape: ``(n,)``."""
@@ -206,7 +211,8 @@ class RewardShaper:
         if attributes.dim() != 2 or attributes.shape[1] != self.schema.num_outputs:
             raise ValueError(f"attributes must have shape (n, {self.schema.num_outputs}), got {tuple(attributes.shape)}")
         a = self.normalized(self.decorrelated(attributes.cpu()), update_stats)
-        rewards = a @ self.weights + self.config.bias
+        live = list(self.schema.live)  # dead outputs never enter the sum, not even as 0 * nan
+        rewards = a[:, live] @ self.weights[live] + self.config.bias
         if self.needs_lengths:
             if lengths is None:
                 raise ValueError("the length penalty needs completion token lengths")
@@ -215,7 +221,7 @@ class RewardShaper:
             if update_stats:
                 self.reward_stats.update(rewards[:, None], self.sync)
             if self.reward_stats.count > 0:
-                rewards = (rewards - self.reward_stats.mean[0]) / (self.reward_stats.std[0] + self.config.eps)
+                rewards = (rewards - self.reward_stats.mean[0]) / self._denominator(self.reward_stats.std)[0]
         if self.config.clip is not None:
             lo, hi = (float(c) for c in self.config.clip)
             rewards = rewards.clamp(lo, hi)

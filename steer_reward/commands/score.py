@@ -16,7 +16,7 @@ __all__ = ["register", "parse_row", "score_file"]
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "score", help="score a JSONL file of (prompt, completion) rows or preference pairs",
-        description="Rows: {prompt, completion} | {messages} (last assistant turn is the completion) | "
+        description="Rows: {prompt, completion (or response)} | {messages} (last assistant turn is the completion) | "
                     "{prompt, chosen, rejected}. Output rows keep the input fields and add attributes and reward.",
     )
     add_reward_args(parser)
@@ -61,10 +61,11 @@ def parse_row(row: dict, where: str) -> list[tuple[str, Any, str]]:
     if "messages" in row:
         prompt, completion = _split_messages(row["messages"], f"{where}: 'messages'")
         return [("", prompt, completion)]
-    if "prompt" in row and "completion" in row:
-        completion = row["completion"]
+    key = "completion" if "completion" in row else "response"  # HelpSteer2 rows call it response
+    if "prompt" in row and key in row:
+        completion = row[key]
         if not isinstance(completion, str):
-            raise InputError(f"{where}: 'completion' must be a string")
+            raise InputError(f"{where}: {key!r} must be a string")
         return [("", _check_prompt(row["prompt"], where), completion)]
     raise InputError(f"{where}: a row needs prompt+completion, messages, or prompt+chosen+rejected; "
                      f"got keys {sorted(row)}")
