@@ -1,0 +1,177 @@
+"""Rank helpers for a colocated reward model: process-group setup, agreeing on counts, merging statistics.
+
+Every function here is a collective when more than one rank runs: all ranks must call it, in the same order. A
+collective that cannot complete (a rank died, or never started) raises ``DistributedError`` after the process
+group's timeout instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Iterator, Sequence
+
+import torch
+
+from steer_reward.config import ConfigError
+from steer_reward.shaping import Moments
+
+__all__ = [
+    "DistributedError",
+    "LAUNCH_ENV",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "local_device",
+    "ensure_process_group",
+    "all_reduce_max",
+    "gather_moments",
+    "merge_in_rank_order",
+    "RankMomentsSync",
+]
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun / deepspeed / accelerate launch set for every rank."""
+
+
+class DistributedError(RuntimeError):
+    """A collective across ranks failed or timed out: a rank died, hung, or was never started."""
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def local_device() -> torch.device:
+    """This rank's accelerator (``cuda:LOCAL_RANK``), or the CPU when there is no GPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Turn a failed collective into a ``DistributedError`` that says which rank saw it and what to check."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as err:  # gloo/nccl errors (DistBackendError, DistStoreError) are RuntimeErrors
+        limit = f" within {timeout_s:g} s" if timeout_s is not None else ""
+        raise DistributedError(
+            f"rank {os.environ.get('RANK', rank())} of {os.environ.get('WORLD_SIZE', world_size())}: {what} did not "
+            f"complete{limit}: another rank died, hangs, or was never started ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+
+
+def skip_cpu_shm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory comm op (~40 s per fresh machine).
+
+    Gloo carries the few small collectives a reward model needs; the op only speeds up large CPU all-reduces.
+    Must run before DeepSpeed first creates its comm backend (``init_distributed``, ``deepspeed.initialize``, or
+    accelerate's ``PartialState`` under DeepSpeed).
+    """
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def ensure_process_group(timeout_s: float) -> bool:
+    """Join the process group of a distributed launch; reuse it when one exists (accelerate, a trainer).
+
+    Returns True when this call created the group. A process without launcher variables is a ``ConfigError``:
+    ZeRO-3 shards the model across ranks, which only a distributed launch provides.
+    """
+    if is_distributed():
+        return False
+    missing = [name for name in LAUNCH_ENV if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"backend: deepspeed shards the reward model across ranks and needs a distributed launch, but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Launch with "
+            "`torchrun --nproc_per_node N script.py` (or `deepspeed`, or `accelerate launch` with a DeepSpeed "
+            "config), or use backend: local for a single process"
+        )
+    import deepspeed
+
+    skip_cpu_shm_build()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    with collective(f"joining the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                    timeout_s):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def all_reduce_max(value: int, device: torch.device | str = "cpu", timeout_s: float | None = None) -> int:
+    """The largest ``value`` over all ranks (``value`` itself in a single process)."""
+    if not is_distributed():
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.long, device=device)
+    with collective("agreeing on the micro-batch count (all-reduce MAX)", timeout_s):
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _pack(moments: Moments) -> torch.Tensor:
+    """``[count, mean..., m2...]``. Shape: ``(1 + 2K,)``, float64."""
+    count = torch.tensor([moments.count], dtype=torch.float64)
+    return torch.cat([count, moments.mean.double().cpu(), moments.m2.double().cpu()])
+
+
+def _unpack(packed: torch.Tensor) -> Moments:
+    size = (packed.numel() - 1) // 2
+    packed = packed.cpu()
+    return Moments(float(packed[0]), packed[1 : 1 + size].clone(), packed[1 + size :].clone())
+
+
+def gather_moments(moments: Moments, device: torch.device | str = "cpu",
+                   timeout_s: float | None = None) -> list[Moments]:
+    """Every rank's moments, in rank order (``[moments]`` in a single process)."""
+    if not is_distributed():
+        return [moments]
+    local = _pack(moments).to(device)
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    with collective("gathering running statistics (all-gather)", timeout_s):
+        torch.distributed.all_gather(parts, local)
+    return [_unpack(p) for p in parts]
+
+
+def merge_in_rank_order(parts: Sequence[Moments]) -> Moments:
+    """Chan merge of ``parts`` left to right. Every rank merging the same list in the same order gets
+    bit-identical results, which a tree reduction across ranks would not guarantee."""
+    if not parts:
+        raise ValueError("no moments to merge")
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    return total
+
+
+class RankMomentsSync:
+    """The shaper's ``sync``: this rank's batch moments → the moments of the batch over all ranks.
+
+    A collective: ``RewardShaper`` calls it on every rank whenever statistics are updated, which the training
+    faces do on every rank with the same ``update_stats``.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", timeout_s: float | None = None) -> None:
+        self.device = device
+        self.timeout_s = timeout_s
+        self.calls = 0
+
+    def __call__(self, moments: Moments) -> Moments:
+        self.calls += 1
+        return merge_in_rank_order(gather_moments(moments, self.device, self.timeout_s))
