@@ -1,0 +1,192 @@
+"""Cross-request dynamic batching: many small requests, one model worker thread, results to their own requests.
+
+OpenRLHF (>= 0.9.1) sends every sample as its own request, all at once. Scoring them one by one leaves the model
+idle between tiny forwards and recomputes each prompt for each of its samples; gathering the requests that are
+waiting into one batch lets the scorer plan micro-batches and share prompt prefixes across requests.
+
+Rules: a batch starts with the oldest waiting request and takes further requests in arrival order while they fit
+``max_batch_tokens``; it waits at most ``max_wait_ms`` (counted from the oldest request's arrival) for more to
+arrive. One worker thread runs the model (models are not thread-safe). Past ``max_queue`` waiting samples,
+``submit`` refuses with ``QueueFull`` so the server can answer 503 at once instead of timing out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from steer_reward.formatting import EncodedSample
+from steer_reward.scoring import AttributeScores
+
+__all__ = ["QueueFull", "BatcherStopped", "DynamicBatcher", "BatchStats"]
+
+
+class QueueFull(RuntimeError):
+    """More samples are waiting than ``max_queue``; retry after ``retry_after_s``."""
+
+    def __init__(self, pending: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"the server is busy: {pending} samples are waiting (limit {limit}); retry in "
+                         f"{retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher was stopped (server shutting down)."""
+
+
+@dataclass
+class _Request:
+    samples: Sequence[EncodedSample]
+    tokens: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What one model batch held, for metrics."""
+
+    requests: int
+    samples: int
+    tokens: int
+    seconds: float
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the client went away and its handler was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class DynamicBatcher:
+    """Batches encoded samples of concurrent requests into one scorer call each.
+
+    ``score_encoded(samples) -> AttributeScores`` runs on the worker thread only; ``on_batch(BatchStats)`` is
+    called there after each batch (metrics).
+    """
+
+    def __init__(self, score_encoded: Callable[[Sequence[EncodedSample]], AttributeScores], *,
+                 max_wait_ms: float = 5.0, max_batch_tokens: int = 32768, max_queue: int = 4096,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        self.score_encoded = score_encoded
+        self.max_wait_s = max(0.0, float(max_wait_ms)) / 1000.0
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_queue = int(max_queue)
+        self.on_batch = on_batch
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._pending_samples = 0
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._samples_per_s = 0.0
+        self._thread = threading.Thread(target=self._work, name="steer-reward-model-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples submitted and not yet answered (waiting or in the running batch)."""
+        return self._pending_samples
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    async def submit(self, samples: Sequence[EncodedSample]) -> AttributeScores:
+        """Attributes of ``samples`` (in order), scored together with whatever else is waiting."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._condition:
+            if self._stopping:
+                raise BatcherStopped("the server is shutting down")
+            if self._pending_samples and self._pending_samples + len(samples) > self.max_queue:
+                raise QueueFull(self._pending_samples, self.max_queue, self._retry_after())
+            self._pending_samples += len(samples)
+            self._waiting.append(_Request(samples, sum(len(s) for s in samples), future, loop))
+            self._condition.notify()
+        return await future
+
+    def _retry_after(self) -> int:
+        # Seconds to drain the queue at the measured rate, at least 1 (Retry-After takes whole seconds).
+        if self._samples_per_s <= 0:
+            return 1
+        return max(1, min(60, int(self._pending_samples / self._samples_per_s + 0.999)))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker after its current batch; waiting requests fail with ``BatcherStopped``."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+        with self._condition:
+            while self._waiting:
+                request = self._waiting.popleft()
+                request.loop.call_soon_threadsafe(_resolve, request.future, None,
+                                                  BatcherStopped("the server is shutting down"))
+
+    # -- worker thread --------------------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Request] | None:
+        with self._condition:
+            while not self._waiting and not self._stopping:
+                self._condition.wait()
+            if self._stopping:
+                return None
+            batch = [self._waiting.popleft()]
+            tokens = batch[0].tokens
+            deadline = batch[0].arrived + self.max_wait_s
+            while tokens < self.max_batch_tokens:
+                if self._waiting:
+                    if tokens + self._waiting[0].tokens > self.max_batch_tokens:
+                        break
+                    request = self._waiting.popleft()
+                    batch.append(request)
+                    tokens += request.tokens
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                self._condition.wait(remaining)
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            samples = [s for request in batch for s in request.samples]
+            start = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                scores = self.score_encoded(samples)
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting requests, the worker lives on
+                error, scores = err, None
+            seconds = time.perf_counter() - start
+            offset = 0
+            for request in batch:
+                n = len(request.samples)
+                part = None if scores is None else _slice(scores, offset, offset + n)
+                offset += n
+                request.loop.call_soon_threadsafe(_resolve, request.future, part, error)
+            with self._condition:
+                self._pending_samples -= len(samples)
+            if seconds > 0:
+                rate = len(samples) / seconds
+                self._samples_per_s = rate if self._samples_per_s == 0 else 0.8 * self._samples_per_s + 0.2 * rate
+            if self.on_batch is not None:
+                self.on_batch(BatchStats(len(batch), len(samples), sum(r.tokens for r in batch), seconds))
+
+
+def _slice(scores: AttributeScores, start: int, stop: int) -> AttributeScores:
+    return AttributeScores(
+        values=scores.values[start:stop],
+        names=scores.names,
+        completion_lengths=scores.completion_lengths[start:stop],
+        prompt_truncated=scores.prompt_truncated[start:stop],
+        completion_truncated=scores.completion_truncated[start:stop],
+    )

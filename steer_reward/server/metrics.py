@@ -1,0 +1,61 @@
+"""Prometheus metrics of the reward server: requests, latency, batch sizes, tokens, queue depth.
+
+Each server gets its own registry, so several apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from steer_reward.errors import require_extra
+
+__all__ = ["ServerMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 32768, 65536, 131072)
+
+
+class ServerMetrics:
+    """Counters and histograms exposed at ``GET /metrics`` (Prometheus text format)."""
+
+    def __init__(self, queue_depth: Callable[[], float]) -> None:
+        prom = require_extra("prometheus_client", "server")
+        self.registry = prom.CollectorRegistry()
+        self._generate = prom.generate_latest
+        self.content_type = prom.CONTENT_TYPE_LATEST
+        self.requests = prom.Counter("steer_reward_requests", "HTTP requests by endpoint and status code",
+                                     ["endpoint", "code"], registry=self.registry)
+        self.latency = prom.Histogram("steer_reward_request_latency_seconds", "Request latency by endpoint",
+                                      ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.samples = prom.Counter("steer_reward_samples_scored", "Samples scored", registry=self.registry)
+        self.tokens = prom.Counter("steer_reward_tokens_scored", "Tokens read by the reward model",
+                                   registry=self.registry)
+        self.prompt_truncated = prom.Counter("steer_reward_prompt_tokens_truncated",
+                                             "Prompt tokens dropped from the left to fit model.max_length",
+                                             registry=self.registry)
+        self.batch_samples = prom.Histogram("steer_reward_batch_samples", "Samples per model batch",
+                                            buckets=_SIZE_BUCKETS, registry=self.registry)
+        self.batch_requests = prom.Histogram("steer_reward_batch_requests", "Requests merged into one model batch",
+                                             buckets=_SIZE_BUCKETS, registry=self.registry)
+        self.batch_tokens = prom.Histogram("steer_reward_batch_tokens", "Tokens per model batch",
+                                           buckets=_TOKEN_BUCKETS, registry=self.registry)
+        self.batch_seconds = prom.Histogram("steer_reward_batch_seconds", "Model time per batch",
+                                            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = prom.Gauge("steer_reward_queue_depth", "Samples waiting or being scored",
+                                      registry=self.registry)
+        self.queue_depth.set_function(queue_depth)
+        self.rejected = prom.Counter("steer_reward_backpressure_rejections", "Requests answered 503 (queue full)",
+                                     registry=self.registry)
+
+    def observe_batch(self, stats) -> None:
+        """Record one model batch (a ``BatchStats``); called on the worker thread."""
+        self.batch_samples.observe(stats.samples)
+        self.batch_requests.observe(stats.requests)
+        self.batch_tokens.observe(stats.tokens)
+        self.batch_seconds.observe(stats.seconds)
+        self.samples.inc(stats.samples)
+        self.tokens.inc(stats.tokens)
+
+    def render(self) -> bytes:
+        return self._generate(self.registry)
