@@ -13,7 +13,7 @@ import sys
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Module names under steer_reward.commands; each defines register(subparsers).
-COMMANDS = ["score", "demo"]
+COMMANDS = ["score", "demo", "serve", "openrlhf_func"]
 
 
 def build_parser() -> argparse.ArgumentParser:
