@@ -131,6 +131,8 @@ class RemoteConfig:
     """Per-request timeout."""
     retries: int = 5
     """Tries per request before giving up with an error."""
+    backoff_s: float = 0.5
+    """First retry delay; it doubles per try (with jitter, capped at 10 s). A 503's Retry-After is honoured."""
 
 
 @dataclass
