@@ -113,6 +113,20 @@ class SteerReward:
             attributes = await asyncio.to_thread(self.scorer.score, prompts, completions)
         return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats))
 
+    def for_trl(self, name: str | None = None, **options: Any) -> Any:
+        """This reward as one TRL reward function (async when the scorer is remote); see
+        ``steer_reward.integrations.trl.SteerRewardFunc`` for ``options``."""
+        from steer_reward.integrations.trl import AsyncSteerRewardFunc, SteerRewardFunc
+
+        return (AsyncSteerRewardFunc if self.is_async else SteerRewardFunc)(self, name=name, **options)
+
+    def trl_attribute_funcs(self, **options: Any) -> tuple[list, list[float]]:
+        """(one TRL reward function per live attribute sharing one forward per batch, their ``reward_weights``);
+        see ``steer_reward.integrations.trl.attribute_reward_funcs``."""
+        from steer_reward.integrations.trl import attribute_reward_funcs
+
+        return attribute_reward_funcs(self, **options)
+
     def with_weights(self, weights: Mapping[str, float] | str) -> "SteerReward":
         """The same scorer and normalization state under other weights (no model is loaded again)."""
         return SteerReward(self.scorer, self.shaper.with_weights(weights), self.config)
