@@ -1,0 +1,132 @@
+"""Folded one-output head: parity with the shaped reward, TRL's get_reward contract, OpenRLHF's reward read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from steer_reward.config import ConfigError
+from steer_reward.folding import FOLDED_METADATA_KEY, export_folded, fold_head
+
+PROMPTS = ["What is the capital of France?", "Name a prime number.", "Write a haiku about rain.",
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]]
+COMPLETIONS = ["Paris.", "Seven is prime, and so is eleven.", "Soft rain on the roof / the gutters hum",
+               "Rayleigh scattering."]
+
+
+@pytest.fixture
+def stats_file(tmp_path):
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"helpfulness": {"mean": 0.3, "std": 0.7}, "correctness": {"mean": -0.2, "std": 1.9},
+                                "verbosity": {"mean": 0.1, "std": 0.4}}))
+    return str(path)
+
+
+def _ids_batch(reward):
+    samples = reward.scorer.encode(PROMPTS, COMPLETIONS)
+    return samples, [list(s.input_ids) for s in samples]
+
+
+def _right_pad(rows, pad_id):
+    out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+SHAPINGS = {
+    "preset": {"weights": "steerlm-70b"},
+    "fixed+decorrelate+bias": {"weights": {"helpfulness": 0.7, "correctness": 1.0, "verbosity": -0.3},
+                               "decorrelate": {"helpfulness": 0.25, "correctness": 0.1},
+                               "normalization": "fixed", "bias": 0.5},
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPINGS))
+def test_folded_checkpoint_matches_shaped_reward(case, make_reward, stats_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    shaping = dict(SHAPINGS[case])
+    if shaping.get("normalization") == "fixed":
+        shaping["stats_file"] = stats_file
+    reward = make_reward(shaping)
+    expected = reward.score(PROMPTS, COMPLETIONS).rewards.double()
+    folded = export_folded(reward, tmp_path / "folded")
+    if case == "preset":
+        assert folded.offset == 0.0  # Llama heads have no bias and nothing else adds a constant
+    else:
+        assert folded.offset != 0.0
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "folded").eval()
+    assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1 and model.score.bias is None
+    assert model.config.mean == pytest.approx(-folded.offset) and model.config.std == 1.0
+    assert getattr(model.config, FOLDED_METADATA_KEY)["reward_offset"] == pytest.approx(folded.offset)
+    samples, rows = _ids_batch(reward)
+    with torch.no_grad():  # plain HF forward, one unpadded sequence at a time
+        logits = torch.stack([model(torch.tensor([row])).logits[0, 0] for row in rows]).double()
+    torch.testing.assert_close(logits + folded.offset, expected, atol=1e-4, rtol=0)
+    # the in-memory model is untouched by the export
+    assert reward.scorer.model.score.weight.shape[0] == 9 and reward.scorer.model.config.num_labels == 9
+    torch.testing.assert_close(reward.score(PROMPTS, COMPLETIONS).rewards.double(), expected)
+
+
+def test_get_reward_contract_reads_the_same_values(make_reward, tmp_path):
+    """PPO's reward read (trl.experimental.utils.get_reward): backbone → model.score → value at the last
+    non-pad token of right-padded policy ids."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.experimental.utils import get_reward
+
+    reward = make_reward({"weights": "nemotron-340b"})
+    expected = reward.score(PROMPTS, COMPLETIONS).rewards.double()
+    folded = export_folded(reward, tmp_path / "folded")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "folded").eval()
+    samples, rows = _ids_batch(reward)
+    pad = reward.scorer.tokenizer.pad_token_id
+    context_length = min(len(s.prompt_ids) for s in samples)
+    with torch.no_grad():
+        reward_logits, final_rewards, _ = get_reward(model, _right_pad(rows, pad), pad, context_length)
+    assert reward_logits.shape[-1] == 1
+    torch.testing.assert_close(final_rewards.double() + folded.offset, expected, atol=1e-4, rtol=0)
+
+
+def test_openrlhf_reward_read_with_normalization_restores_offset(make_reward, stats_file, tmp_path):
+    """OpenRLHF 0.11 RewardModel.forward (openrlhf/models/model.py, _get_reward_model): value head on the last
+    hidden states, value at the last attended position, ``(r - config.mean) / config.std`` with normalization on.
+    Its module imports flash_attn at load, which has no CPU build, so the same arithmetic is written out here."""
+    from transformers import AutoConfig, AutoModel
+    from safetensors.torch import load_file
+
+    shaping = {"weights": "steerlm-70b", "normalization": "fixed", "stats_file": stats_file, "bias": -1.25}
+    reward = make_reward(shaping)
+    expected = reward.score(PROMPTS, COMPLETIONS).rewards.double()
+    export_folded(reward, tmp_path / "folded")
+    config = AutoConfig.from_pretrained(tmp_path / "folded")
+    weights = load_file(tmp_path / "folded" / "model.safetensors")
+    assert "score.weight" in weights and "score.bias" not in weights  # value_head_prefix "score", bias=False
+    backbone = AutoModel.from_pretrained(tmp_path / "folded").eval()  # OpenRLHF: getattr(self, base_model_prefix)
+    value_head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+    value_head.weight.data.copy_(weights["score.weight"])
+    samples, rows = _ids_batch(reward)
+    input_ids = _right_pad(rows, reward.scorer.tokenizer.pad_token_id)
+    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    with torch.no_grad():
+        eos_indices = attention_mask.size(1) - 1 - attention_mask.long().fliplr().argmax(dim=1, keepdim=True)
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        hidden = backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)["last_hidden_state"]
+        values = value_head(hidden).squeeze(-1).gather(dim=1, index=eos_indices).squeeze(1)
+        normalized = (values - config.mean) / config.std
+    torch.testing.assert_close(normalized.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shaping, message", [
+    ({"normalization": "running"}, "running"),
+    ({"length_penalty": {"alpha": 1.0}}, "length_penalty"),
+    ({"reward_normalization": "running"}, "reward_normalization"),
+    ({"clip": [-1, 1]}, "clip"),
+])
+def test_refuses_what_does_not_fold(make_reward, shaping, message):
+    with pytest.raises(ConfigError, match=message):
+        fold_head(make_reward(shaping))
