@@ -130,3 +130,18 @@ def test_openrlhf_reward_read_with_normalization_restores_offset(make_reward, st
 def test_refuses_what_does_not_fold(make_reward, shaping, message):
     with pytest.raises(ConfigError, match=message):
         fold_head(make_reward(shaping))
+
+
+def test_export_folded_cli(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from steer_reward.cli import main
+
+    out = tmp_path / "folded"
+    assert main(["export-folded", "--model", "demo", "--config", "configs/rewards/nemotron-340b.yaml",
+                 "--out", str(out)]) == 0
+    assert "logits[:, 0] + 0" in capsys.readouterr().out
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
+    assert main(["export-folded", "--model", "demo", "--config", "configs/rewards/concise.yaml",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "length_penalty" in capsys.readouterr().err

@@ -250,3 +250,39 @@ def test_trainer_with_attribute_funcs(kind, demo_policy_path, make_reward, tmp_p
             out = rec.calls[step][3]
             assert math.isfinite(row[f"rewards/{rec.__name__}/mean"])
             assert row[f"rewards/{rec.__name__}/mean"] == pytest.approx(sum(out) / len(out), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_trainer_resume_restores_running_normalization(demo_policy_path, make_reward, tmp_path):
+    """A GRPO run resumed from checkpoint-1 ends with the same normalization state as an uninterrupted run."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trl
+
+    shaping = {"weights": "steerlm-70b", "normalization": "running", "reward_normalization": "running"}
+    prompts = [[{"role": "user", "content": t}] for t in ("Say hi.", "Name a color.", "Count to three.", "Why?")]
+
+    def train(output_dir, max_steps, resume=False):
+        reward = make_reward(shaping)
+        func = RecordingFunc(reward.for_trl())
+        args = trl.GRPOConfig(output_dir=str(output_dir), use_cpu=True, max_steps=max_steps,
+                              per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+                              logging_steps=1, report_to="none", save_strategy="steps", save_steps=1, seed=0,
+                              learning_rate=1e-5)
+        trainer = trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(demo_policy_path), reward_funcs=[func],
+                                  args=args, processing_class=AutoTokenizer.from_pretrained(demo_policy_path),
+                                  train_dataset=Dataset.from_dict({"prompt": prompts * 4}),
+                                  callbacks=[ShaperStateCallback(func.func)])
+        trainer.train(resume_from_checkpoint=resume or None)
+        return reward, func
+
+    full, full_calls = train(tmp_path / "full", 2)
+    train(tmp_path / "cut", 1)
+    assert (tmp_path / "cut" / "checkpoint-1" / STATE_FILE).is_file()
+    resumed, resumed_calls = train(tmp_path / "cut", 2, resume=True)
+    assert resumed.shaper.attribute_stats.count == full.shaper.attribute_stats.count == 8  # 4 per step
+    assert resumed_calls.calls[-1][1] == full_calls.calls[-1][1]  # the same step-2 completions
+    assert resumed_calls.calls[-1][3] == pytest.approx(full_calls.calls[-1][3], abs=1e-5)
+    torch.testing.assert_close(resumed.shaper.attribute_stats.mean, full.shaper.attribute_stats.mean)
+    torch.testing.assert_close(resumed.shaper.reward_stats.moments.m2, full.shaper.reward_stats.moments.m2)
