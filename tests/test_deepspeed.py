@@ -1,0 +1,278 @@
+"""backend: deepspeed — ZeRO-3 scoring on 2 CPU ranks (gloo) against a single-process plain HF forward.
+
+Multi-rank checks run worker scripts from tests/dist/ under ``torch.distributed.run`` with their own timeout, one
+launch per group of checks; the parent builds the demo model first so ranks never race to build it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import plain_hf_attributes
+
+pytest.importorskip("deepspeed")
+
+DIST = Path(__file__).parent / "dist"
+LAUNCH_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: str, *args: str, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run ``tests/dist/<script>`` on ``nproc`` CPU ranks; a hang fails the test at ``timeout``."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # --standalone: the launcher binds its own free port (no pick-then-bind race with other jobs on the machine).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(DIST / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def worker(name: str):
+    """A worker script under tests/dist/ as a module, for its constants and helpers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"dist_{name}", DIST / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+
+
+# ------------------------------------------------------------------------------------------- 2 ranks, scoring
+
+
+@pytest.fixture(scope="module")
+def zero3_run(demo_model_path, tmp_path_factory):
+    """One 2-rank run of tests/dist/zero3_scoring.py; its two rank reports."""
+    out = tmp_path_factory.mktemp("zero3")
+    proc = launch("zero3_scoring.py", str(out))
+    assert proc.returncode == 0, failure(proc)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["empty_vs_37", "3_vs_17"])
+def test_zero3_scores_equal_plain_hf_forward_with_uneven_ranks(zero3_run, demo_scorer, scenario):
+    from steer_reward.formatting import RewardFormatter
+    scoring = worker("zero3_scoring")
+    counts = scoring.SCENARIOS[scenario]
+    names = list(scoring.SCENARIOS)
+    offset = sum(sum(scoring.SCENARIOS[name]) for name in names[: names.index(scenario)])
+    formatter = RewardFormatter(demo_scorer.tokenizer, "chat_template", 96)
+    for report in zero3_run:
+        run = report[scenario]
+        mine = scoring.shard(scoring.all_pairs(), counts, report["rank"], offset)
+        expected_ids = [list(s.input_ids) for s in formatter.encode([p for p, _ in mine], [c for _, c in mine])]
+        assert run["input_ids"] == expected_ids
+        assert len(run["attributes"]) == counts[report["rank"]]
+        if expected_ids:
+            reference = torch.stack([plain_hf_attributes(demo_scorer.model, ids) for ids in expected_ids])
+            torch.testing.assert_close(torch.tensor(run["attributes"]), reference, atol=1e-4, rtol=0)
+    # Micro-batch counts differ between ranks; every rank still ran the same number of forwards.
+    planned = [r[scenario]["planned"] for r in zero3_run]
+    assert planned[0] != planned[1]
+    assert [r[scenario]["forward_calls"] for r in zero3_run] == planned
+    totals = [r[scenario]["forward_calls"] + r[scenario]["dummy_calls"] for r in zero3_run]
+    assert totals == [max(planned)] * 2
+
+
+@pytest.mark.slow
+def test_zero3_each_rank_holds_half_the_parameters(zero3_run, demo_scorer):
+    total = sum(p.numel() for p in demo_scorer.model.parameters())
+    for report in zero3_run:
+        assert report["numel"]["total"] == total
+        # Norm weights stay whole (below the persistence threshold) but are still split in ds_tensor.
+        assert abs(report["numel"]["held"] - total / 2) <= 0.01 * total, report["numel"]
+        assert report["module_numel_plain"] < 0.05 * total  # outside forward the module holds no full weights
+
+
+@pytest.mark.slow
+def test_zero3_running_stats_identical_on_ranks_and_equal_single_process(zero3_run):
+    from steer_reward.shaping import Moments
+    STATS_ROUNDS = worker("zero3_scoring").STATS_ROUNDS
+
+    first, second = zero3_run
+    assert first["state"] == second["state"]  # bit-identical, not just close
+    assert first["sync_calls"] == second["sync_calls"] == 2 * len(STATS_ROUNDS)  # attributes and rewards
+    everything = torch.tensor(first["stats_attributes"] + second["stats_attributes"], dtype=torch.float64)
+    expected = Moments.of(everything)
+    stats = first["state"]["attribute_stats"]
+    assert stats["count"] == expected.count == sum(sum(c) for c in STATS_ROUNDS)
+    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), expected.mean, atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.tensor(stats["m2"], dtype=torch.float64), expected.m2, atol=1e-8, rtol=1e-10)
+    # Rank 0's saved state restores on every rank and shapes identically.
+    assert first["restored_state"] == second["restored_state"] == first["state"]
+    assert first["restored_rewards"] == second["restored_rewards"]
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+@pytest.mark.slow
+def test_absent_peer_is_a_clear_error_within_the_timeout(demo_model_path, tmp_path):
+    TIMEOUT_S = worker("zero3_dead_peer").TIMEOUT_S
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(DIST / "zero3_dead_peer.py"), "absent", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 3, failure(proc)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] == "DistributedError"
+    assert "rank 0 of 2" in result["message"] and "never started" in result["message"]
+    assert result["elapsed_s"] < TIMEOUT_S * 3
+    assert time.monotonic() - start < LAUNCH_TIMEOUT_S
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dies", "stalls"])
+def test_dead_or_stalled_peer_ends_in_a_clear_error(demo_model_path, tmp_path, mode):
+    TIMEOUT_S = worker("zero3_dead_peer").TIMEOUT_S
+
+    proc = launch("zero3_dead_peer.py", mode, str(tmp_path))
+    assert proc.returncode != 0, failure(proc)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] == "DistributedError", failure(proc)
+    assert "all-reduce MAX" in result["message"]
+    assert result["elapsed_s"] < TIMEOUT_S * 3
+
+
+def test_without_a_distributed_launch_is_a_config_error(monkeypatch, demo_model_path):
+    from steer_reward.backends.deepspeed import build_deepspeed_scorer
+    from steer_reward.config import ConfigError, load_config
+    from steer_reward.distributed import LAUNCH_ENV, is_distributed
+
+    assert not is_distributed()
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="needs a distributed launch.*torchrun"):
+        build_deepspeed_scorer(load_config({"backend": "deepspeed", "model": {"path": demo_model_path}}))
+
+
+def test_adapter_with_zero3_is_a_config_error(demo_model_path):
+    from steer_reward.backends.deepspeed import build_deepspeed_scorer
+    from steer_reward.config import ConfigError, load_config
+
+    config = load_config({"backend": "deepspeed", "model": {"path": demo_model_path, "adapter": "lora"}})
+    with pytest.raises(ConfigError, match="merge the adapter"):
+        build_deepspeed_scorer(config)
+
+
+# ---------------------------------------------------------------------------------- configs, in one process
+
+
+def test_default_inference_config_is_stage3_no_optimizer_int_nested_buckets():
+    from steer_reward.backends.deepspeed import inference_config
+
+    cfg = inference_config("float32", hidden=64)
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and "optimizer" not in cfg
+    assert all(isinstance(zero[k], int) for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                                  "stage3_param_persistence_threshold"))
+    assert not any("." in k for k in cfg)
+    assert cfg["bf16"] == {"enabled": False} and cfg["fp16"] == {"enabled": False}
+    assert inference_config("bfloat16", 64, offload_params=True)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert inference_config("bfloat16", 64)["bf16"] == {"enabled": True}
+
+
+def test_shipped_inference_json_normalizes():
+    from steer_reward.backends.deepspeed import normalize_inference_config
+
+    raw = json.loads((Path(__file__).parents[1] / "configs/deepspeed/zero3_inference.json").read_text())
+    cfg = normalize_inference_config(raw, "float32", hidden=64)
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert all(v != "auto" for v in cfg["zero_optimization"].values())
+
+
+def test_user_json_auto_values_become_numbers():
+    from steer_reward.backends.deepspeed import normalize_inference_config
+
+    raw = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+           "bf16": {"enabled": "auto"},
+           "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 5e8,
+                                 "stage3_param_persistence_threshold": "auto"}}
+    cfg = normalize_inference_config(raw, "bfloat16", hidden=64)
+    assert "train_batch_size" not in cfg and "gradient_clipping" not in cfg
+    assert cfg["train_micro_batch_size_per_gpu"] == 1 and cfg["bf16"]["enabled"] is True
+    zero = cfg["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_prefetch_bucket_size"] == 500_000_000
+    assert all(type(zero[k]) is int for k in zero if k != "stage")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"zero_optimization": {"stage": 2}}, "stage must be 3"),
+    ({"zero_optimization": {"stage": 3}, "zero_optimization.reduce_bucket_size": 10}, "dotted keys.*nest"),
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "optimizer"),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, "bf16.enabled is True but model.dtype"),
+    ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}}, "only a trainer resolves"),
+])  # fmt: skip
+def test_user_json_that_cannot_work_is_a_clear_error(raw, message):
+    from steer_reward.backends.deepspeed import normalize_inference_config
+    from steer_reward.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        normalize_inference_config(raw, "float32", hidden=64)
+
+
+def test_config_from_trainer_plugin_follows_offload_and_drops_training_keys():
+    from steer_reward.backends.deepspeed import build_ds_config
+    from steer_reward.config import load_config
+
+    trainer = {"train_batch_size": "auto", "gradient_clipping": "auto", "optimizer": {"type": "AdamW"},
+               "bf16": {"enabled": True},
+               "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "stage3_prefetch_bucket_size":
+                                     "auto"}}
+    cfg = build_ds_config(load_config({"backend": "deepspeed"}), hidden=64, dtype="float32", trainer=trainer)
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "optimizer" not in cfg and "auto" not in json.dumps(cfg)
+    assert cfg["bf16"]["enabled"] is False  # model.dtype decides the RM's precision, not the policy's
+
+
+# ------------------------------------------------------------------------------------- pieces, one process
+
+
+def test_last_token_head_equals_plain_hf_forward(demo_scorer):
+    from steer_reward.backends.deepspeed import LastTokenHead
+    from steer_reward.forward import pad_right
+
+    samples = demo_scorer.encode(["Hi", "Name three colors of the rainbow, please."], ["Hello!", "Red, green, blue."])
+    input_ids, mask = pad_right([s.input_ids for s in samples], demo_scorer.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        got = LastTokenHead(demo_scorer.model)(input_ids=input_ids, attention_mask=mask).logits
+    reference = torch.stack([plain_hf_attributes(demo_scorer.model, s.input_ids) for s in samples])
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+
+
+def test_rank_order_merge_equals_moments_of_all_rows():
+    from steer_reward.distributed import RankMomentsSync, merge_in_rank_order
+    from steer_reward.shaping import Moments
+
+    torch.manual_seed(0)
+    rows = torch.randn(23, 9, dtype=torch.float64)
+    parts = [Moments.of(rows[:0]), Moments.of(rows[:5]), Moments.of(rows[5:])]  # an empty rank included
+    merged = merge_in_rank_order(parts)
+    expected = Moments.of(rows)
+    assert merged.count == 23
+    torch.testing.assert_close(merged.mean, expected.mean)
+    torch.testing.assert_close(merged.m2, expected.m2)
+    # One process: the sync is the identity.
+    sync = RankMomentsSync()
+    same = sync(parts[1])
+    assert same.count == 5 and torch.equal(same.mean, parts[1].mean) and sync.calls == 1
