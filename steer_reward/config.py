@@ -116,7 +116,9 @@ class DeepSpeedConfig:
     offload_params: bool = False
     """Offload the RM's parameters to CPU memory."""
     timeout_s: float = 1800.0
-    """Distributed timeout: a dead rank ends in an error after this long instead of hanging."""
+    """Distributed timeout: a dead rank ends in an error after this long instead of hanging. Applies when the
+    backend creates the process group (standalone launch); inside a trainer the trainer's group and its timeout
+    are reused."""
 
 
 @dataclass

@@ -121,6 +121,43 @@ def test_zero3_running_stats_identical_on_ranks_and_equal_single_process(zero3_r
     assert first["restored_rewards"] == second["restored_rewards"]
 
 
+@pytest.mark.slow
+def test_grpo_two_steps_under_accelerate_zero3_with_colocated_reward(demo_model_path, demo_policy_path, tmp_path):
+    pytest.importorskip("trl")
+    config = Path(__file__).parents[1] / "configs/deepspeed/accelerate_zero3.yaml"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", str(free_port()), str(DIST / "zero3_grpo.py"),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, failure(proc)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert report["zero_stage"] == 3 and report["steps"] == 2
+        assert len(report["reward_means"]) == 2 and report["finite"]
+        for part in ("policy_numel", "rm_numel"):  # policy and reward model both sharded across the 2 ranks
+            held, total = report[part]["held"], report[part]["total"]
+            assert abs(held - total / 2) <= 0.01 * total, (part, report[part])
+        assert report["state"]["attribute_stats"]["count"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 completions
+    assert reports[0]["state"] == reports[1]["state"]
+
+
+@pytest.mark.slow
+def test_grpo_zero3_launch_script_runs_tiny(demo_model_path, demo_policy_path, tmp_path):
+    """The shipped launch command (train_examples/grpo_trl_zero3.sh) on 2 CPU ranks with the demo models."""
+    pytest.importorskip("trl")
+    script = Path(__file__).parents[1] / "train_examples/grpo_trl_zero3.sh"
+    env = dict(os.environ, NUM_PROCESSES="2", MAIN_PROCESS_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([str(script), "--tiny", "--report-to", "none", "--output-dir", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, failure(proc)
+    assert "rewards/steer_reward/mean" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ faults
 
 

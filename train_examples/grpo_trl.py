@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,31 @@ def build_reward(args: argparse.Namespace) -> Any:
     return SteerReward.from_config(args.reward_config, model=args.reward_model, overrides=overrides)
 
 
+# -- accelerate launch + DeepSpeed (train_examples/grpo_trl_zero3.sh) ------------------------------------------------
+
+def under_deepspeed() -> bool:
+    """True under ``accelerate launch`` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def configure_deepspeed_state() -> None:
+    """Create the distributed state before the reward and the trainer config, which both join it.
+
+    DESIGN.md's recipe: trainers ignore ``ddp_backend`` under DeepSpeed, so on CPU the gloo state is made here and
+    the trainer reuses it (``use_configured_state``); DeepSpeed's CPU shm op would otherwise JIT-compile first.
+    """
+    import torch
+    from accelerate import PartialState
+
+    from steer_reward.distributed import skip_cpu_shm_build
+
+    skip_cpu_shm_build()
+    PartialState(backend=None if torch.cuda.is_available() else "gloo")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def trainer_config(args: argparse.Namespace, reward_weights: list[float] | None) -> Any:
     """The GRPOConfig / RLOOConfig of this run: the only place it is built."""
     import trl
@@ -91,6 +117,11 @@ def trainer_config(args: argparse.Namespace, reward_weights: list[float] | None)
     )
     if args.tiny:
         fields.update(use_cpu=True, save_total_limit=1)
+    if under_deepspeed():  # the state made by configure_deepspeed_state decides devices and backend
+        import torch
+
+        fields.update(use_cpu=False, bf16=torch.cuda.is_available(),
+                      accelerator_config={"use_configured_state": True})
     for item in args.trainer_set:
         key, _, value = item.partition("=")
         fields[key.strip()] = yaml.safe_load(value)
@@ -107,6 +138,8 @@ def build_trainer(args: argparse.Namespace) -> Any:
     from steer_reward.demo import demo_policy_dir
     from steer_reward.integrations.trl import ShaperStateCallback
 
+    if under_deepspeed():
+        configure_deepspeed_state()
     reward = build_reward(args)
     policy_path = str(demo_policy_dir()) if args.policy == "demo" else args.policy
     tokenizer = AutoTokenizer.from_pretrained(policy_path)

@@ -249,15 +249,31 @@ def normalize_inference_config(raw: Mapping, dtype: str, hidden: int, source: st
 
 
 def trainer_deepspeed_config() -> dict | None:
-    """The DeepSpeed config of the running ``accelerate`` DeepSpeed state (a TRL trainer's), or None."""
+    """The DeepSpeed config of the surrounding ``accelerate`` DeepSpeed run (a TRL trainer's), or None.
+
+    The trainer's plugin when its ``AcceleratorState`` exists; before that (a reward built before the trainer,
+    the usual order since the trainer takes the reward function) what ``accelerate launch`` put in the environment.
+    """
     try:
         from accelerate.state import AcceleratorState
     except ImportError:
         return None
-    if not AcceleratorState._shared_state:  # reading AcceleratorState() before a trainer would create one
+    if AcceleratorState._shared_state:  # reading AcceleratorState() when empty would create one
+        plugin = AcceleratorState().deepspeed_plugin
+        return None if plugin is None else plugin.deepspeed_config
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         return None
-    plugin = AcceleratorState().deepspeed_plugin
-    return None if plugin is None else plugin.deepspeed_config
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if config_file and config_file != "None" and Path(config_file).is_file():
+        return json.loads(Path(config_file).read_text())
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return {
+        "zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
+                              "offload_param": {"device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+                                                                         "none")}},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
 
 
 def _precision_of(ds_config: Mapping) -> str:
@@ -331,7 +347,8 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
 
     skip_cpu_shm_build()
     timeout_s = config.deepspeed.timeout_s
-    ensure_process_group(timeout_s)
+    if not ensure_process_group(timeout_s):
+        timeout_s = None  # a trainer's group keeps its own timeout (accelerate's InitProcessGroupKwargs)
     device = local_device()
     folder = _model_folder(config.model.path)
     hidden, checkpoint_dtype = _model_dims(folder, config.model.trust_remote_code)
