@@ -65,13 +65,27 @@ def collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
         yield
     except DistributedError:
         raise
-    except RuntimeError as err:  # gloo/nccl errors (DistBackendError, DistStoreError) are RuntimeErrors
+    except RuntimeError as err:
+        if not is_communication_error(err):
+            raise  # a model or input bug inside the block stays what it is
         limit = f" within {timeout_s:g} s" if timeout_s is not None else ""
         raise DistributedError(
             f"rank {os.environ.get('RANK', rank())} of {os.environ.get('WORLD_SIZE', world_size())}: {what} did not "
             f"complete{limit}: another rank died, hangs, or was never started ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''})"
         ) from err
+
+
+def is_communication_error(err: BaseException) -> bool:
+    """Whether ``err`` came from the process group (a peer gone, a timeout) rather than from the computation.
+
+    torch raises ``DistError`` subclasses for store and backend failures, but gloo's transport errors (a peer's
+    socket closed, a receive timed out) arrive as plain ``RuntimeError`` naming gloo.
+    """
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(marker in text for marker in ("gloo", "nccl", "timed out", "connection reset", "connection closed"))
 
 
 def skip_cpu_shm_build() -> None:

@@ -313,3 +313,39 @@ def test_rank_order_merge_equals_moments_of_all_rows():
     sync = RankMomentsSync()
     same = sync(parts[1])
     assert same.count == 5 and torch.equal(same.mean, parts[1].mean) and sync.calls == 1
+
+
+def test_collective_turns_only_communication_failures_into_distributed_errors():
+    from steer_reward.distributed import DistributedError, collective
+
+    with pytest.raises(DistributedError, match="all-reduce did not complete within 5 s.*never started"):
+        with collective("an all-reduce", 5):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    with pytest.raises(DistributedError):
+        with collective("joining"):
+            raise torch.distributed.DistStoreError("Timed out after 9 seconds waiting for clients. 1/2 clients joined.")
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes") as info:  # a model bug stays a model bug
+        with collective("a forward"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x64 and 32x9)")
+    assert not isinstance(info.value, DistributedError)
+
+
+def test_trainer_settings_are_read_from_accelerate_launch_env(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from steer_reward.backends.deepspeed import build_ds_config, trainer_deepspeed_config
+    from steer_reward.config import load_config
+
+    # What every TrainingArguments does on construction: no trainer state yet, as when the reward is built first.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert trainer_deepspeed_config() is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    trainer = trainer_deepspeed_config()
+    assert trainer["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}}
+    cfg = build_ds_config(load_config({"backend": "deepspeed"}), hidden=64, dtype="float32", trainer=trainer)
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu" and cfg["bf16"]["enabled"] is False
