@@ -105,8 +105,10 @@ class ZeroInferenceBackend:
     def run_microbatch(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Attributes of one micro-batch. Shape: ``(b, K)``, float32.
 
-        ``no_grad`` rather than ``inference_mode``: ZeRO-3 writes gathered parameters into ``param.data``, and
-        inference tensors there would break a policy engine's backward sharing the process.
+        ``no_grad`` rather than ``inference_mode``: ZeRO-3 keeps gathered (persistent) parameters in
+        ``param.data`` between forwards, and ones gathered under ``inference_mode`` become inference tensors that
+        autograd later rejects when train and eval forwards mix (snowflakedb/ArcticTraining#265). The reward model is
+        never trained, so this is a precaution; both modes pass the 2-rank scoring and GRPO tests here.
         """
         input_ids, attention_mask = pad_right(sequences, self.pad_id, self.device)
         with torch.no_grad(), collective("a ZeRO-3 forward (parameter all-gather)", self.timeout_s):
