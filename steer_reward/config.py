@@ -74,6 +74,16 @@ class BatchingConfig:
     """Token budget of one micro-batch, counted as padded tokens (rows × longest row); bounds peak memory."""
     max_batch_size: int = 256
     """Most sequences in one micro-batch."""
+    strategy: str = "auto"
+    """How the local backend runs a batch: ``auto`` (prefix sharing for completions that share a prompt, length-
+    bucketed padded micro-batches for the rest), ``prefix`` (the same, every prompt through its KV cache),
+    ``packed`` (padding-free rows with a block-diagonal mask, no sharing) or ``padded`` (length-bucketed padded
+    micro-batches only). Models the fast paths cannot run exactly (custom code, sliding-window or flash attention)
+    use ``padded``, with a warning when another strategy was asked for."""
+    max_row_tokens: int = 2048
+    """Longest packed row for ``strategy: packed``; attention inside a row is dense, so longer rows waste work."""
+    forward_overhead_tokens: int = 128
+    """Fixed cost of one forward, in tokens, when the fast paths trade padding against more, smaller forwards."""
 
 
 @dataclass
@@ -178,6 +188,7 @@ class SteerRewardConfig:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16", "auto"))
         _check_choice("model.template", self.model.template, ("chat_template", "steerlm", "raw"))
+        _check_choice("batching.strategy", self.batching.strategy, ("auto", "padded", "prefix", "packed"))
         _check_choice("shaping.normalization", self.shaping.normalization, ("none", "running", "fixed"))
         _check_choice("shaping.reward_normalization", self.shaping.reward_normalization, ("none", "running"))
         if self.shaping.normalization == "fixed" and not self.shaping.stats_file:
@@ -187,6 +198,7 @@ class SteerRewardConfig:
             raise ConfigError(f"shaping.clip must be [lo, hi] with lo < hi, got {clip!r}")
         for key, value in (("model.max_length", self.model.max_length), ("batching.max_tokens",
                            self.batching.max_tokens), ("batching.max_batch_size", self.batching.max_batch_size),
+                           ("batching.max_row_tokens", self.batching.max_row_tokens),
                            ("shaping.length_penalty.target_tokens", self.shaping.length_penalty.target_tokens)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
