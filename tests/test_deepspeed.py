@@ -351,3 +351,12 @@ def test_trainer_settings_are_read_from_accelerate_launch_env(monkeypatch):
     assert trainer["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}}
     cfg = build_ds_config(load_config({"backend": "deepspeed"}), hidden=64, dtype="float32", trainer=trainer)
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu" and cfg["bf16"]["enabled"] is False
+
+
+def test_local_only_strategies_are_named_in_a_warning():
+    from steer_reward.backends.deepspeed import padded_strategy_note
+    from steer_reward.config import load_config
+
+    assert padded_strategy_note(load_config({}).batching) is None
+    note = padded_strategy_note(load_config({"batching": {"strategy": "prefix"}}).batching)
+    assert "'prefix' is not available with backend: deepspeed" in note

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -313,6 +314,16 @@ def build_ds_config(config: SteerRewardConfig, hidden: int, dtype: str, trainer:
     return inference_config(dtype, hidden, offload)
 
 
+def padded_strategy_note(batching: BatchingConfig) -> str | None:
+    """A warning when ``batching.strategy`` asks for a fast path this backend does not run (it runs padded
+    length-sorted micro-batches only: prefix sharing and packing are local-backend strategies)."""
+    strategy = getattr(batching, "strategy", "auto")
+    if strategy in ("auto", "padded"):
+        return None
+    return (f"batching.strategy: {strategy!r} is not available with backend: deepspeed; ZeRO-3 scoring runs padded "
+            "length-sorted micro-batches")
+
+
 # --------------------------------------------------------------------------------------------------- loading
 
 
@@ -347,6 +358,9 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
     from steer_reward.modeling import _model_folder, load_reward_model
     from steer_reward.schema import resolve_schema
 
+    note = padded_strategy_note(config.batching)
+    if note:
+        warnings.warn(note, stacklevel=2)
     skip_cpu_shm_build()
     timeout_s = config.deepspeed.timeout_s
     if not ensure_process_group(timeout_s):
