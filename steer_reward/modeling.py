@@ -14,7 +14,7 @@ import torch
 
 from steer_reward.config import ModelConfig
 
-__all__ = ["ModelLoadError", "resolve_device", "resolve_dtype", "load_reward_model", "load_tokenizer"]
+__all__ = ["ModelLoadError", "model_folder", "resolve_device", "resolve_dtype", "load_reward_model", "load_tokenizer"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +39,8 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return "auto" if dtype == "auto" else _DTYPES[dtype]
 
 
-def _model_folder(path: str | None) -> Path:
+def model_folder(path: str | None) -> Path:
+    """The local folder behind ``model.path`` (building the demo model for "demo"), checked."""
     if path is None:
         raise ModelLoadError("no reward model given: set model.path in the config or pass --model PATH|demo")
     if path == "demo":
@@ -88,7 +89,7 @@ def load_reward_model(config: ModelConfig) -> tuple[torch.nn.Module, Any, Path]:
     """(model in eval mode on its device, tokenizer, folder) for ``config``."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    folder = _model_folder(config.path)
+    folder = model_folder(config.path)
     try:
         hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=config.trust_remote_code)
     except ValueError as err:

@@ -286,3 +286,17 @@ def test_trainer_resume_restores_running_normalization(demo_policy_path, make_re
     assert resumed_calls.calls[-1][3] == pytest.approx(full_calls.calls[-1][3], abs=1e-5)
     torch.testing.assert_close(resumed.shaper.attribute_stats.mean, full.shaper.attribute_stats.mean)
     torch.testing.assert_close(resumed.shaper.reward_stats.moments.m2, full.shaper.reward_stats.moments.m2)
+
+
+def test_a_zero3_reward_refuses_to_pickle(demo_scorer):
+    """A sharded reward rebuilt in a spawned process could never join the ranks' collectives."""
+    import pickle
+
+    from steer_reward.config import load_config
+    from steer_reward.reward import SteerReward
+    from steer_reward.shaping import RewardShaper
+
+    config = load_config({"backend": "deepspeed", "model": {"path": "demo"}})
+    reward = SteerReward(demo_scorer, RewardShaper(demo_scorer.schema, config.shaping), config)
+    with pytest.raises(TypeError, match="backend: remote"):
+        pickle.dumps(reward.for_trl())

@@ -355,7 +355,7 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise assumes CUDA
     deepspeed = require_extra("deepspeed", "deepspeed")
-    from steer_reward.modeling import _model_folder, load_reward_model
+    from steer_reward.modeling import model_folder, load_reward_model
     from steer_reward.schema import resolve_schema
 
     note = padded_strategy_note(config.batching)
@@ -366,7 +366,7 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
     if not ensure_process_group(timeout_s):
         timeout_s = None  # a trainer's group keeps its own timeout (accelerate's InitProcessGroupKwargs)
     device = local_device()
-    folder = _model_folder(config.model.path)
+    folder = model_folder(config.model.path)
     hidden, checkpoint_dtype = _model_dims(folder, config.model.trust_remote_code)
     trainer = trainer_deepspeed_config()
     dtype = _resolve_dtype(config, checkpoint_dtype, trainer)

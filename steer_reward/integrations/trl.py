@@ -80,6 +80,13 @@ def policy_lengths(completion_ids: Sequence[Sequence[int]] | None, pad_token_id:
 
 def _reward_spec(reward: Any) -> dict:
     """What rebuilds ``reward`` in another process: its config, its shaper's weights and normalization state."""
+    if reward.config.backend == "deepspeed":
+        # A spawned process (AsyncGRPO's reward worker) is not a rank of the training job: a ZeRO-3 reward
+        # rebuilt there could never join the collectives and would hang the job.
+        raise TypeError(
+            "a backend: deepspeed reward cannot be sent to another process (it is sharded across the training "
+            "ranks); for AsyncGRPO use backend: remote (steer-reward serve) or backend: local"
+        )
     return {"config": reward.config.to_dict(), "weights": reward.shaper.weights.tolist(),
             "state": reward.shaper.state_dict()}
 
