@@ -75,8 +75,8 @@ class BatchingConfig:
     max_batch_size: int = 256
     """Most sequences in one micro-batch."""
     strategy: str = "auto"
-    """How the local backend runs a batch: ``auto`` (prefix sharing for completions that share a prompt, length-
-    bucketed padded micro-batches for the rest), ``prefix`` (the same, every prompt through its KV cache),
+    """How the local backend runs a batch: ``auto`` (prefix sharing for completions that share a prompt when the
+    prompt tokens saved exceed two forwards' overhead, length-bucketed padded micro-batches for the rest), ``prefix`` (the same, every prompt through its KV cache),
     ``packed`` (padding-free rows with a block-diagonal mask, no sharing) or ``padded`` (length-bucketed padded
     micro-batches only). Models the fast paths cannot run exactly (custom code, sliding-window or flash attention)
     use ``padded``, with a warning when another strategy was asked for."""

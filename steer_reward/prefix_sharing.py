@@ -158,6 +158,13 @@ class PrefixSharedForward:
         last = torch.as_tensor([len(c) - 1 for c in completions], device=device)
         return hidden[torch.arange(rows, device=device), last]
 
+    def completion_batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Completion forwards after the prefill, as indices into the group's completions (empty ones need none)."""
+        nonempty = [i for i, n in enumerate(lengths) if n]
+        plan = plan_min_padding([lengths[i] for i in nonempty], self.max_tokens, self.max_batch_size,
+                                self.overhead_tokens)
+        return [[nonempty[j] for j in batch] for batch in plan]
+
     @torch.inference_mode()
     def score_group(self, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
                     pad_id: int) -> torch.Tensor:
@@ -169,13 +176,9 @@ class PrefixSharedForward:
             raise ValueError("prefix sharing needs a non-empty prompt; score prompt-less samples unshared")
         prompt_hidden, kv = self._prefill(prompt_ids)
         pooled = prompt_hidden.new_empty((len(completions), prompt_hidden.shape[-1]))
-        nonempty = [i for i, c in enumerate(completions) if c]
         for i in range(len(completions)):
             if not completions[i]:
                 pooled[i] = prompt_hidden
-        lengths = [len(completions[i]) for i in nonempty]
-        plan = plan_min_padding(lengths, self.max_tokens, self.max_batch_size, self.overhead_tokens)
-        for batch in plan:
-            members = [nonempty[j] for j in batch]
+        for members in self.completion_batches([len(c) for c in completions]):
             pooled[members] = self._completion_batch(len(prompt_ids), kv, [completions[i] for i in members], pad_id)
         return self.head.head(pooled).float()

@@ -62,9 +62,14 @@ def reference(model: nn.Module, samples) -> torch.Tensor:
 def test_every_strategy_matches_plain_forward_in_input_order(strategy):
     model = tiny_model()
     samples = group_workload()
-    backend = LocalBackend(model, PAD, BatchingConfig(strategy=strategy, max_row_tokens=96, max_tokens=256))
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy=strategy, max_row_tokens=96, max_tokens=256,
+                                                            forward_overhead_tokens=0))
     assert backend.strategy == strategy
     torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
+    # plan() lists exactly the forwards attributes() runs, and covers every sample.
+    plan = backend.plan(samples)
+    assert backend.forward_calls == len(plan)
+    assert sorted({i for batch in plan for i in batch}) == list(range(len(samples)))
 
 
 @pytest.mark.parametrize("model_type,attention", [("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "sdpa")])
@@ -84,8 +89,22 @@ def test_prefix_sharing_runs_each_prompt_once():
     samples = [EncodedSample(p, ids(rng, rng.randint(1, 20))) for p in prompts for _ in range(8)]
     backend = LocalBackend(model, PAD, BatchingConfig(strategy="auto"))
     backend.attributes(samples)
-    # One prefill per prompt plus at least one completion batch per prompt; far fewer tokens than 24 sequences.
-    assert 6 <= backend.forward_calls <= 3 + 24
+    # One prefill per prompt plus at least one completion batch per prompt.
+    assert 6 <= backend.forward_calls == len(backend.plan(samples)) <= 3 + 24
+    assert sum(1 for batch in backend.plan(samples) if len(batch) == 8) >= 3  # the three prefills
+    torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
+
+
+def test_auto_shares_a_prompt_only_when_it_saves_more_than_the_extra_forwards():
+    model = tiny_model()
+    rng = random.Random(4)
+    short, long = ids(rng, 10), ids(rng, 200)
+    samples = [EncodedSample(short, ids(rng, 5)) for _ in range(3)] + [EncodedSample(long, ids(rng, 5))
+                                                                      for _ in range(3)]
+    backend = LocalBackend(model, PAD, BatchingConfig(forward_overhead_tokens=128))
+    plan = backend.plan(samples)
+    # The long prompt (2 × 200 tokens saved) is prefilled once; the short one (2 × 10) rides in a padded batch.
+    assert [3, 4, 5] in plan and all(set(batch) <= {0, 1, 2} for batch in plan if not set(batch) & {3, 4, 5})
     torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
 
 

@@ -25,7 +25,8 @@ from steer_reward.formatting import EncodedSample
 from steer_reward.forward import find_head, forward_microbatch
 from steer_reward.packing import PackedForward
 from steer_reward.planning import plan_microbatches
-from steer_reward.prefix_sharing import PrefixSharedForward, group_by_prompt, prefix_sharing_unsupported
+from steer_reward.prefix_sharing import (PrefixSharedForward, PromptGroup, group_by_prompt,
+                                         prefix_sharing_unsupported)
 
 __all__ = ["LocalBackend"]
 
@@ -61,35 +62,65 @@ class LocalBackend:
                           "using padded micro-batches", stacklevel=3)
         return "padded"
 
-    # -- padded path (public API kept: plan / run_microbatch) -------------------------------------------------
-    def plan(self, samples: Sequence[EncodedSample]) -> list[list[int]]:
-        return plan_microbatches([len(s) for s in samples], self.batching.max_tokens, self.batching.max_batch_size)
+    # -- plans ----------------------------------------------------------------------------------------------
+    def _shared_groups(self, samples: Sequence[EncodedSample]) -> tuple[list[PromptGroup], list[int]]:
+        """Prompt groups that go through the prompt cache, and the indices of the samples padded instead."""
+        shared, unshared = [], []
+        for group in group_by_prompt(samples):
+            # An empty prompt has no cache to share. Under auto, a group goes through the cache only when the
+            # prompt tokens it saves outweigh the fixed cost of its own prefill and completion forwards (about
+            # two more forwards than riding along in the padded micro-batches); a prompt seen once saves nothing.
+            saved = (len(group.members) - 1) * len(group.prompt_ids)
+            worth_it = saved > 2 * self.batching.forward_overhead_tokens
+            if not group.prompt_ids or (self.strategy == "auto" and not worth_it):
+                unshared.extend(group.members)
+            else:
+                shared.append(group)
+        return shared, sorted(unshared)
 
+    def _padded_plan(self, samples: Sequence[EncodedSample], indices: Sequence[int]) -> list[list[int]]:
+        batches = plan_microbatches([len(samples[i]) for i in indices], self.batching.max_tokens,
+                                    self.batching.max_batch_size)
+        return [[indices[j] for j in batch] for batch in batches]
+
+    def plan(self, samples: Sequence[EncodedSample]) -> list[list[int]]:
+        """The forwards ``attributes(samples)`` runs, each as the sample indices whose tokens it computes.
+
+        Padded: length-sorted micro-batches. Prefix: per shared prompt one prefill (listing every sample of the
+        group) and its completion batches, then padded micro-batches of the rest. Packed: the samples of each
+        packed forward. ``len(plan(samples))`` is the number of forwards, so ``forward_calls`` can be checked.
+        """
+        if self.strategy in ("auto", "prefix"):
+            shared, unshared = self._shared_groups(samples)
+            forwards = []
+            for group in shared:
+                forwards.append(list(group.members))
+                lengths = [len(samples[i].completion_ids) for i in group.members]
+                forwards += [[group.members[j] for j in batch] for batch in self._prefix.completion_batches(lengths)]
+            return forwards + self._padded_plan(samples, unshared)
+        if self.strategy == "packed":
+            return [[i for row in rows for i in row] for rows in self._packed.plan([len(s) for s in samples])]
+        return self._padded_plan(samples, range(len(samples)))
+
+    # -- running ----------------------------------------------------------------------------------------------
     def run_microbatch(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Attributes of one right-padded micro-batch. Shape: ``(b, K)``."""
         self.forward_calls += 1
         return forward_microbatch(self.model, sequences, self.pad_id, self.head)
 
     def _padded(self, samples: Sequence[EncodedSample], indices: Sequence[int], out: torch.Tensor) -> None:
-        subset = [samples[i] for i in indices]
-        for batch in self.plan(subset):
-            out[[indices[j] for j in batch]] = self.run_microbatch([subset[j].input_ids for j in batch]).cpu()
+        for batch in self._padded_plan(samples, indices):
+            out[batch] = self.run_microbatch([samples[i].input_ids for i in batch]).cpu()
 
-    # -- fast paths -------------------------------------------------------------------------------------------
     def _shared(self, samples: Sequence[EncodedSample], out: torch.Tensor) -> None:
-        unshared: list[int] = []
-        for group in group_by_prompt(samples):
-            # Under auto, a prompt seen once gains nothing from its cache (two forwards instead of one): it is
-            # padded with the rest. An empty prompt has no cache to share.
-            if (len(group.members) < 2 and self.strategy == "auto") or not group.prompt_ids:
-                unshared.extend(group.members)
-                continue
+        shared, unshared = self._shared_groups(samples)
+        for group in shared:
             before = self._prefix.forward_calls
             out[group.members] = self._prefix.score_group(
                 group.prompt_ids, [samples[i].completion_ids for i in group.members], self.pad_id).cpu()
             self.forward_calls += self._prefix.forward_calls - before
         if unshared:
-            self._padded(samples, sorted(unshared), out)
+            self._padded(samples, unshared, out)
 
     def _pack(self, samples: Sequence[EncodedSample], out: torch.Tensor) -> None:
         before = self._packed.forward_calls
