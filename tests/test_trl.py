@@ -140,7 +140,8 @@ def test_async_callable_and_async_attribute_funcs(make_reward):
         return await asyncio.gather(*[trl_call(f) for f in funcs])
 
     per_func = asyncio.run(gather())
-    assert backend.forward_calls - before == 1
+    # one scoring of the batch for all functions: exactly the forwards one plain scoring plans
+    assert backend.forward_calls - before == len(backend.plan(reward.scorer.encode(PROMPTS, COMPLETIONS)))
     expected = reward.score(PROMPTS, COMPLETIONS).attributes
     for f, values in zip(funcs, per_func):
         assert values == pytest.approx(expected.column(f.attribute).tolist(), abs=1e-6)
