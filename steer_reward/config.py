@@ -76,7 +76,8 @@ class BatchingConfig:
     """Most sequences in one micro-batch."""
     strategy: str = "auto"
     """How the local backend runs a batch: ``auto`` (prefix sharing for completions that share a prompt when the
-    prompt tokens saved exceed two forwards' overhead, length-bucketed padded micro-batches for the rest), ``prefix`` (the same, every prompt through its KV cache),
+    prompt tokens saved exceed two forwards' overhead, length-bucketed padded micro-batches for the rest),
+    ``prefix`` (the same, every prompt through its KV cache),
     ``packed`` (padding-free rows with a block-diagonal mask, no sharing) or ``padded`` (length-bucketed padded
     micro-batches only). Models the fast paths cannot run exactly (custom code, sliding-window or flash attention)
     use ``padded``, with a warning when another strategy was asked for."""
@@ -84,6 +85,10 @@ class BatchingConfig:
     """Longest packed row for ``strategy: packed``; attention inside a row is dense, so longer rows waste work."""
     forward_overhead_tokens: int = 128
     """Fixed cost of one forward, in tokens, when the fast paths trade padding against more, smaller forwards."""
+    prompt_cache_tokens: int = 0
+    """Prompt KV caches kept between scoring calls (least recently used dropped first), in prompt tokens, so a
+    prompt whose completions arrive in different calls runs once. 0 keeps none; ``steer-reward serve`` uses
+    ``server.prompt_cache_tokens``. Memory: 2 · layers · kv_heads · head_dim · dtype bytes per token."""
 
 
 @dataclass
@@ -165,6 +170,10 @@ class ServerConfig:
     """Most samples in one request."""
     token_env: str = "STEER_REWARD_TOKEN"
     """Environment variable holding the bearer token required by the server (unset: no auth)."""
+    prompt_cache_tokens: int = 16384
+    """Prompt KV caches the server keeps between batches (LRU, in prompt tokens): OpenRLHF sends each sample
+    alone, so the samples of one prompt often land in different batches; with the cache the prompt still runs
+    once. 0 keeps none. Overrides ``batching.prompt_cache_tokens`` in the server."""
 
 
 @dataclass

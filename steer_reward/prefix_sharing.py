@@ -16,6 +16,7 @@ reported by ``prefix_sharing_unsupported`` and the backend falls back to padded 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -108,15 +109,52 @@ class PrefixSharedForward:
     ``max_tokens`` bounds the padded completion tokens of one completion batch (rows × longest completion) and
     ``max_batch_size`` its rows; within that, cuts trade padding against ``overhead_tokens`` per forward
     (``plan_min_padding``). The prompt cache is broadcast over the rows, not copied per completion.
+
+    With ``cache_tokens > 0`` the prefills of recent prompts are kept between calls (least recently used dropped
+    first, bounded in prompt tokens), so the completions of one prompt arriving in different calls (a server
+    batching OpenRLHF's one-sample requests) still run the prompt once.
     """
 
-    def __init__(self, head: ModelHead, max_tokens: int, max_batch_size: int, overhead_tokens: int = 0) -> None:
+    def __init__(self, head: ModelHead, max_tokens: int, max_batch_size: int, overhead_tokens: int = 0,
+                 cache_tokens: int = 0) -> None:
         self.head = head
         self.max_tokens = int(max_tokens)
         self.max_batch_size = int(max_batch_size)
         self.overhead_tokens = int(overhead_tokens)
         self.cache_kwarg = _cache_kwarg(head.backbone)
         self.forward_calls = 0
+        self.cache_tokens = int(cache_tokens)
+        self.cache_hits = 0
+        self._cache: OrderedDict[tuple[int, ...], tuple[torch.Tensor, list]] = OrderedDict()
+        self._cached_tokens = 0
+
+    def is_cached(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether the next ``score_group`` of this prompt skips its prefill."""
+        return tuple(prompt_ids) in self._cache
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cached_tokens = 0
+
+    def _remember(self, key: tuple[int, ...], prefill: tuple[torch.Tensor, list]) -> None:
+        if not 0 < len(key) <= self.cache_tokens:
+            return
+        self._cache[key] = prefill
+        self._cached_tokens += len(key)
+        while self._cached_tokens > self.cache_tokens:
+            evicted, _ = self._cache.popitem(last=False)
+            self._cached_tokens -= len(evicted)
+
+    def _cached_prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        key = tuple(prompt_ids)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return hit
+        prefill = self._prefill(prompt_ids)
+        self._remember(key, prefill)
+        return prefill
 
     @property
     def device(self) -> torch.device:
@@ -174,7 +212,7 @@ class PrefixSharedForward:
         """
         if not prompt_ids:
             raise ValueError("prefix sharing needs a non-empty prompt; score prompt-less samples unshared")
-        prompt_hidden, kv = self._prefill(prompt_ids)
+        prompt_hidden, kv = self._cached_prefill(prompt_ids)
         pooled = prompt_hidden.new_empty((len(completions), prompt_hidden.shape[-1]))
         for i in range(len(completions)):
             if not completions[i]:

@@ -197,3 +197,37 @@ def test_strategy_is_validated():
     with pytest.raises(ConfigError, match="did you mean 'packed'"):
         load_config({"batching": {"strategy": "packd"}})
     assert load_config({"batching": {"strategy": "prefix"}}).batching.strategy == "prefix"
+
+
+def test_prompt_cache_runs_a_prompt_once_across_calls():
+    """OpenRLHF's one-sample requests: the completions of one prompt arrive in different batches."""
+    model = tiny_model()
+    rng = random.Random(7)
+    prompts = [ids(rng, 50) for _ in range(2)]
+    samples = [EncodedSample(p, ids(rng, rng.randint(1, 20))) for p in prompts for _ in range(6)]
+    first, second = samples[0::2], samples[1::2]  # each call holds half of each group
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy="auto", prompt_cache_tokens=1000))
+    torch.testing.assert_close(backend.attributes(first), reference(model, first), **TOL)
+    planned = backend.plan(second)
+    before = backend.forward_calls
+    torch.testing.assert_close(backend.attributes(second), reference(model, second), **TOL)
+    assert backend.forward_calls - before == len(planned)
+    assert backend._prefix.cache_hits == 2
+    # Without the cache the second call runs both prefills again.
+    uncached = LocalBackend(model, PAD, BatchingConfig(strategy="prefix"))
+    uncached.attributes(first)
+    assert len(uncached.plan(second)) == len(planned) + 2
+
+
+def test_prompt_cache_is_bounded_and_drops_the_least_recent():
+    model = tiny_model()
+    rng = random.Random(8)
+    prompts = [ids(rng, 40) for _ in range(3)]
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy="prefix", prompt_cache_tokens=90))
+    for p in prompts:
+        backend.attributes([EncodedSample(p, ids(rng, 5))])
+    cache = backend._prefix
+    assert cache._cached_tokens <= 90
+    assert not cache.is_cached(prompts[0]) and cache.is_cached(prompts[1]) and cache.is_cached(prompts[2])
+    backend.set_prompt_cache_tokens(0)
+    assert not cache.is_cached(prompts[2])

@@ -47,9 +47,17 @@ class LocalBackend:
         self.forward_calls = 0
         self.strategy = self._resolve_strategy(self.batching.strategy)
         b = self.batching
-        self._prefix = PrefixSharedForward(self.head, b.max_tokens, b.max_batch_size, b.forward_overhead_tokens) \
-            if self.strategy in ("auto", "prefix") else None
+        self._prefix = PrefixSharedForward(self.head, b.max_tokens, b.max_batch_size, b.forward_overhead_tokens,
+                                           b.prompt_cache_tokens) if self.strategy in ("auto", "prefix") else None
         self._packed = PackedForward(self.head, b.max_tokens, b.max_row_tokens) if self.strategy == "packed" else None
+
+    def set_prompt_cache_tokens(self, tokens: int) -> None:
+        """Keep prompt KV caches between calls, up to ``tokens`` prompt tokens (0: none). No-op without prefix
+        sharing."""
+        if self._prefix is not None:
+            self._prefix.cache_tokens = int(tokens)
+            if not tokens:
+                self._prefix.clear_cache()
 
     def _resolve_strategy(self, asked: str) -> str:
         if asked == "padded":
@@ -70,8 +78,10 @@ class LocalBackend:
             # An empty prompt has no cache to share. Under auto, a group goes through the cache only when the
             # prompt tokens it saves outweigh the fixed cost of its own prefill and completion forwards (about
             # two more forwards than riding along in the padded micro-batches); a prompt seen once saves nothing.
+            # With a prompt cache, a prompt seen once is kept for its later completions (and a cached one costs
+            # no prefill at all), so every group goes through it.
             saved = (len(group.members) - 1) * len(group.prompt_ids)
-            worth_it = saved > 2 * self.batching.forward_overhead_tokens
+            worth_it = saved > 2 * self.batching.forward_overhead_tokens or self._prefix.cache_tokens > 0
             if not group.prompt_ids or (self.strategy == "auto" and not worth_it):
                 unshared.extend(group.members)
             else:
@@ -87,14 +97,16 @@ class LocalBackend:
         """The forwards ``attributes(samples)`` runs, each as the sample indices whose tokens it computes.
 
         Padded: length-sorted micro-batches. Prefix: per shared prompt one prefill (listing every sample of the
-        group) and its completion batches, then padded micro-batches of the rest. Packed: the samples of each
-        packed forward. ``len(plan(samples))`` is the number of forwards, so ``forward_calls`` can be checked.
+        group, unless its prefill is in the prompt cache) and its completion batches, then padded micro-batches of
+        the rest. Packed: the samples of each packed forward. ``len(plan(samples))`` is the number of forwards, so
+        ``forward_calls`` can be checked (exact unless one call's own prompts overflow the prompt cache).
         """
         if self.strategy in ("auto", "prefix"):
             shared, unshared = self._shared_groups(samples)
             forwards = []
             for group in shared:
-                forwards.append(list(group.members))
+                if not self._prefix.is_cached(group.prompt_ids):  # a cached prompt needs no prefill
+                    forwards.append(list(group.members))
                 lengths = [len(samples[i].completion_ids) for i in group.members]
                 forwards += [[group.members[j] for j in batch] for batch in self._prefix.completion_batches(lengths)]
             return forwards + self._padded_plan(samples, unshared)

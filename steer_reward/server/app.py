@@ -47,6 +47,10 @@ class RewardService:
         self.config = config or ServerConfig()
         self.token = token or None
         self.scorer = reward.scorer
+        backend = getattr(self.scorer, "backend", None)
+        if hasattr(backend, "set_prompt_cache_tokens"):
+            # Only the model worker thread scores, so the cache needs no lock.
+            backend.set_prompt_cache_tokens(self.config.prompt_cache_tokens)
         self.metrics = ServerMetrics(lambda: self.batcher.pending_samples)
         self.batcher = DynamicBatcher(self.scorer.score_encoded, max_wait_ms=self.config.max_wait_ms,
                                       max_batch_tokens=self.config.max_batch_tokens, max_queue=self.config.max_queue,

@@ -5,7 +5,8 @@ idle between tiny forwards and recomputes each prompt for each of its samples; g
 waiting into one batch lets the scorer plan micro-batches and share prompt prefixes across requests.
 
 Rules: a batch starts with the oldest waiting request and takes further requests in arrival order while they fit
-``max_batch_tokens``; it waits at most ``max_wait_ms`` (counted from the oldest request's arrival) for more to
+``max_batch_tokens``, where a prompt already in the batch costs nothing again (the scorer runs each shared prompt
+once, so the 8 one-sample requests of a GRPO group cost one prompt plus 8 completions); it waits at most ``max_wait_ms`` (counted from the oldest request's arrival) for more to
 arrive. One worker thread runs the model (models are not thread-safe). Past ``max_queue`` waiting samples,
 ``submit`` refuses with ``QueueFull`` so the server can answer 503 at once instead of timing out.
 """
@@ -45,6 +46,13 @@ class _Request:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     arrived: float = field(default_factory=time.monotonic)
+    prompts: tuple[tuple[int, int], ...] = ()
+    """(hash of prompt ids, prompt length) per sample, for the prefix-aware token budget."""
+
+    def cost(self, seen: set[int]) -> int:
+        """Tokens this request adds to a batch whose prompts are ``seen``."""
+        new_prompts = {h: n for h, n in self.prompts if h not in seen}
+        return sum(len(s.completion_ids) for s in self.samples) + sum(new_prompts.values())
 
 
 @dataclass
@@ -108,7 +116,8 @@ class DynamicBatcher:
             if self._pending_samples and self._pending_samples + len(samples) > self.max_queue:
                 raise QueueFull(self._pending_samples, self.max_queue, self._retry_after())
             self._pending_samples += len(samples)
-            self._waiting.append(_Request(samples, sum(len(s) for s in samples), future, loop))
+            self._waiting.append(_Request(samples, sum(len(s) for s in samples), future, loop,
+                                          prompts=tuple((hash(s.prompt_ids), len(s.prompt_ids)) for s in samples)))
             self._condition.notify()
         return await future
 
@@ -138,15 +147,19 @@ class DynamicBatcher:
             if self._stopping:
                 return None
             batch = [self._waiting.popleft()]
-            tokens = batch[0].tokens
+            seen: set[int] = set()
+            tokens = batch[0].cost(seen)
+            seen.update(h for h, _ in batch[0].prompts)
             deadline = batch[0].arrived + self.max_wait_s
             while tokens < self.max_batch_tokens:
                 if self._waiting:
-                    if tokens + self._waiting[0].tokens > self.max_batch_tokens:
+                    cost = self._waiting[0].cost(seen)
+                    if tokens + cost > self.max_batch_tokens:
                         break
                     request = self._waiting.popleft()
                     batch.append(request)
-                    tokens += request.tokens
+                    tokens += cost
+                    seen.update(h for h, _ in request.prompts)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
