@@ -179,12 +179,14 @@ def run_openrlhf_client_bench(args: Any) -> dict:
         "server_over_baseline": a / b, "server_over_in_process": a / c,
         "max_abs_reward_diff_server_vs_in_process": diff,
     }
+    target = getattr(args, "json", None)
     rows = [("(a) steer-reward serve", a, results["server"]), ("(b) serve_rm-style baseline", b, results["baseline"])]
+    # With --json, stdout carries only the JSON object; the table goes to the log.
     print(f"\n{'':<32}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}\n"
           + "".join(f"{name:<32}{rate:>9.2f}{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}\n" for name, rate, r in rows)
           + f"{'(c) in-process batched':<32}{c:>9.2f}\n\n"
-          f"(a)/(b) = {a / b:.2f}x   (a)/(c) = {100 * a / c:.0f}%   max |reward (a) - (c)| = {diff:.2e}")
-    target = getattr(args, "json", None)
+          f"(a)/(b) = {a / b:.2f}x   (a)/(c) = {100 * a / c:.0f}%   max |reward (a) - (c)| = {diff:.2e}",
+          file=log if target is True else sys.stdout)
     if target:
         text = json.dumps(summary, indent=2)
         if isinstance(target, str):
