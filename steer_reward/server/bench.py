@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_openrlhf_client_bench", "bench_model_dir", "grpo_workload"]
+__all__ = ["run_openrlhf_client_bench", "bench_model_dir", "shape_model_dir", "grpo_workload"]
 
 BENCH_MODEL_VERSION = "v1"
 
@@ -47,6 +47,25 @@ def bench_model_dir() -> Path:
         tokenizer.save_pretrained(folder)
 
     return _build_atomically(cache_dir() / f"bench-rm-28m-{BENCH_MODEL_VERSION}", build)
+
+
+def shape_model_dir(name: str, dtype: str = "bfloat16", device: str = "cpu") -> Path:
+    """A folder holding a random-weight reward model of a named bench shape (``shape:NAME``, e.g. llama3-8b on a
+    GPU) with the demo tokenizer, built once into the demo cache, so the servers can load it like a checkpoint."""
+    from steer_reward.bench.shapes import build_shape_model
+    from steer_reward.demo import _build_atomically, build_demo_tokenizer, cache_dir
+
+    def build(folder: Path) -> None:
+        tokenizer = build_demo_tokenizer()
+        model = build_shape_model(name, dtype=dtype, device=device)
+        if model.config.vocab_size < len(tokenizer):  # small test shapes: every tokenizer id must embed
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.architectures = ["LlamaForSequenceClassification"]
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _build_atomically(cache_dir() / f"bench-shape-{name}-{dtype}-{BENCH_MODEL_VERSION}", build)
 
 
 def grpo_workload(tokenizer: Any, prompts: int, group_size: int, prompt_tokens: int, completion_tokens: int,
@@ -130,8 +149,10 @@ def run_openrlhf_client_bench(args: Any) -> dict:
         return default if value is None else value
 
     quiet_transformers()
-    model = opt("model", None) or str(bench_model_dir())
     dtype, device = opt("dtype", "bfloat16"), opt("device", "cpu")
+    model = opt("model", None) or str(bench_model_dir())
+    if model.startswith("shape:"):
+        model = str(shape_model_dir(model.split(":", 1)[1], dtype, device))
     prompts, group = int(opt("prompts", 16)), int(opt("group_size", 8))
     prompt_tokens, completion_tokens = int(opt("prompt_tokens", 600)), int(opt("completion_tokens", 150))
     in_flight = int(opt("in_flight", 64))
