@@ -14,6 +14,7 @@ paths cannot run exactly fall back to ``padded``.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Sequence
 
@@ -45,6 +46,8 @@ class LocalBackend:
         self.head = find_head(model)
         self.num_outputs = int(model.config.num_labels)
         self.forward_calls = 0
+        # Async faces run scoring in worker threads; the model and the prompt cache take one call at a time.
+        self._lock = threading.Lock()
         self.strategy = self._resolve_strategy(self.batching.strategy)
         b = self.batching
         self._prefix = PrefixSharedForward(self.head, b.max_tokens, b.max_batch_size, b.forward_overhead_tokens,
@@ -78,10 +81,15 @@ class LocalBackend:
             # An empty prompt has no cache to share. Under auto, a group goes through the cache only when the
             # prompt tokens it saves outweigh the fixed cost of its own prefill and completion forwards (about
             # two more forwards than riding along in the padded micro-batches); a prompt seen once saves nothing.
-            # With a prompt cache, a prompt seen once is kept for its later completions (and a cached one costs
-            # no prefill at all), so every group goes through it.
+            # With a prompt cache, a cached prompt costs no prefill at all, and other prompts are kept for
+            # completions arriving in later calls (a server's one-sample requests) when one reuse would repay the
+            # extra forwards: always with several completions here, and for a lone completion when the prompt is
+            # longer than two forwards' overhead (short distinct prompts keep riding in padded micro-batches).
+            overhead = 2 * self.batching.forward_overhead_tokens
             saved = (len(group.members) - 1) * len(group.prompt_ids)
-            worth_it = saved > 2 * self.batching.forward_overhead_tokens or self._prefix.cache_tokens > 0
+            keep_for_later = self._prefix.cache_tokens > 0 and (len(group.members) > 1
+                                                                or len(group.prompt_ids) > overhead)
+            worth_it = saved > overhead or keep_for_later or self._prefix.is_cached(group.prompt_ids)
             if not group.prompt_ids or (self.strategy == "auto" and not worth_it):
                 unshared.extend(group.members)
             else:
@@ -144,10 +152,11 @@ class LocalBackend:
         out = torch.empty((len(samples), self.num_outputs), dtype=torch.float32)
         if not samples:
             return out
-        if self.strategy in ("auto", "prefix"):
-            self._shared(samples, out)
-        elif self.strategy == "packed":
-            self._pack(samples, out)
-        else:
-            self._padded(samples, range(len(samples)), out)
+        with self._lock:
+            if self.strategy in ("auto", "prefix"):
+                self._shared(samples, out)
+            elif self.strategy == "packed":
+                self._pack(samples, out)
+            else:
+                self._padded(samples, range(len(samples)), out)
         return out

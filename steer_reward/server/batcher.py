@@ -111,8 +111,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._condition:
-            if self._stopping:
-                raise BatcherStopped("the server is shutting down")
+            if self._stopping or not self._thread.is_alive():
+                raise BatcherStopped("the server is shutting down" if self._stopping else
+                                     "the model worker has stopped; restart the server")
             if self._pending_samples and self._pending_samples + len(samples) > self.max_queue:
                 raise QueueFull(self._pending_samples, self.max_queue, self._retry_after())
             self._pending_samples += len(samples)
@@ -146,12 +147,16 @@ class DynamicBatcher:
                 self._condition.wait()
             if self._stopping:
                 return None
+            self._drop_abandoned()
+            if not self._waiting:
+                return []
             batch = [self._waiting.popleft()]
             seen: set[int] = set()
             tokens = batch[0].cost(seen)
             seen.update(h for h, _ in batch[0].prompts)
             deadline = batch[0].arrived + self.max_wait_s
             while tokens < self.max_batch_tokens:
+                self._drop_abandoned()
                 if self._waiting:
                     cost = self._waiting[0].cost(seen)
                     if tokens + cost > self.max_batch_tokens:
@@ -167,11 +172,20 @@ class DynamicBatcher:
                 self._condition.wait(remaining)
             return batch
 
+    def _drop_abandoned(self) -> None:
+        """Drop waiting requests whose handler is gone (client timeout or disconnect): a retry of the same sample
+        is already queued, and computing both would double the work exactly when the server is overloaded.
+        Called with the condition held."""
+        while self._waiting and self._waiting[0].future.done():
+            self._pending_samples -= len(self._waiting.popleft().samples)
+
     def _work(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
+            if not batch:
+                continue
             samples = [s for request in batch for s in request.samples]
             start = time.perf_counter()
             error: BaseException | None = None
@@ -181,18 +195,26 @@ class DynamicBatcher:
                 error, scores = err, None
             seconds = time.perf_counter() - start
             offset = 0
-            for request in batch:
-                n = len(request.samples)
-                part = None if scores is None else _slice(scores, offset, offset + n)
-                offset += n
-                request.loop.call_soon_threadsafe(_resolve, request.future, part, error)
-            with self._condition:
-                self._pending_samples -= len(samples)
+            try:
+                for request in batch:
+                    n = len(request.samples)
+                    part = None if scores is None else _slice(scores, offset, offset + n)
+                    offset += n
+                    try:
+                        request.loop.call_soon_threadsafe(_resolve, request.future, part, error)
+                    except RuntimeError:  # that request's event loop is closed: nobody is waiting
+                        pass
+            finally:
+                with self._condition:
+                    self._pending_samples -= len(samples)
             if seconds > 0:
                 rate = len(samples) / seconds
                 self._samples_per_s = rate if self._samples_per_s == 0 else 0.8 * self._samples_per_s + 0.2 * rate
             if self.on_batch is not None:
-                self.on_batch(BatchStats(len(batch), len(samples), sum(r.tokens for r in batch), seconds))
+                try:
+                    self.on_batch(BatchStats(len(batch), len(samples), sum(r.tokens for r in batch), seconds))
+                except Exception:  # noqa: BLE001 - a metrics failure must not stop the model worker
+                    pass
 
 
 def _slice(scores: AttributeScores, start: int, stop: int) -> AttributeScores:
