@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["ModelHead", "find_head", "pad_right", "forward_microbatch", "read_outputs"]
+__all__ = ["ModelHead", "find_head", "pad_right", "pool_last_token", "forward_microbatch", "read_outputs"]
 
 
 class ModelHead:
@@ -66,6 +66,13 @@ def read_outputs(output: object) -> torch.Tensor:
     return values
 
 
+def pool_last_token(head: ModelHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Backbone on a right-padded batch → hidden state at each row's last real token → head. Shape: ``(b, K)``."""
+    hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = attention_mask.sum(dim=1) - 1
+    return head.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+
 @torch.inference_mode()
 def forward_microbatch(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
                        head: ModelHead | None = None) -> torch.Tensor:
@@ -73,8 +80,5 @@ def forward_microbatch(model: nn.Module, sequences: Sequence[Sequence[int]], pad
     device = next(model.parameters()).device
     input_ids, attention_mask = pad_right(sequences, pad_id, device)
     if head is not None:
-        hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return head.head(pooled).float()
+        return pool_last_token(head, input_ids, attention_mask).float()
     return read_outputs(model(input_ids=input_ids, attention_mask=attention_mask)).float()

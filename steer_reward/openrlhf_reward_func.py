@@ -55,11 +55,9 @@ class OpenRLHFRewardFunc:
         eos = getattr(getattr(reward.scorer, "tokenizer", None), "eos_token", None)
         parsed = [parse_query(q, prompts[i] if prompts else None, (eos,) if eos else ())
                   for i, q in enumerate(queries)]
-        shaping = reward.config.shaping
-        update = bool(shaping.update_running_stats and "running" in (shaping.normalization,
-                                                                     shaping.reward_normalization))
         with self._score_lock:
-            scored = reward.score([p.prompt for p in parsed], [p.response for p in parsed], update_stats=update)
+            scored = reward.score([p.prompt for p in parsed], [p.response for p in parsed],
+                                  update_stats=reward.shaper.updates_in_training)
         return openrlhf_reply(scored, live)
 
 

@@ -163,6 +163,12 @@ class RewardShaper:
     def has_running_state(self) -> bool:
         return self.config.normalization == "running" or self.config.reward_normalization == "running"
 
+    @property
+    def updates_in_training(self) -> bool:
+        """Whether the training faces (TRL callables, OpenRLHF endpoints) add each batch to the running
+        statistics: running normalization is on and ``shaping.update_running_stats`` asks for it."""
+        return self.config.update_running_stats and self.has_running_state
+
     def with_weights(self, weights: Mapping[str, float] | str) -> "RewardShaper":
         """A shaper like this one under other weights, sharing this one's normalization state."""
         clone = RewardShaper.__new__(RewardShaper)

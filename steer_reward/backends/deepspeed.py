@@ -34,7 +34,7 @@ from steer_reward.config import BatchingConfig, ConfigError, SteerRewardConfig
 from steer_reward.distributed import (RankMomentsSync, all_reduce_max, collective, ensure_process_group,
                                       local_device, skip_cpu_shm_build)
 from steer_reward.formatting import EncodedSample, RewardFormatter
-from steer_reward.forward import ModelHead, find_head, pad_right, read_outputs
+from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
 from steer_reward.planning import plan_microbatches
 from steer_reward.scoring import AttributeScores, AttributeScorer
 
@@ -57,7 +57,7 @@ _TRAINING_ONLY = ("optimizer", "scheduler")
 class LastTokenHead(nn.Module):
     """The engine's module: backbone → hidden state at each row's last real token → head.
 
-    The same computation as ``forward.forward_microbatch``'s head path, as a module so that DeepSpeed's hooks
+    ``forward.pool_last_token`` (the local backend's head path) as a module so that DeepSpeed's hooks
     gather every parameter (backbone and head) during the engine's forward. Models without a standard head
     (custom code) run their own forward. Output ``.logits`` shape: ``(b, K)``.
     """
@@ -74,13 +74,9 @@ class LastTokenHead(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        head: ModelHead | None = self._head
-        if head is None:
+        if self._head is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return SequenceClassifierOutput(logits=head.head(pooled))
+        return SequenceClassifierOutput(logits=pool_last_token(self._head, input_ids, attention_mask))
 
 
 class ZeroInferenceBackend:

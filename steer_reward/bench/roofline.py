@@ -15,7 +15,7 @@ import torch
 from steer_reward.formatting import EncodedSample
 from steer_reward.prefix_sharing import group_by_prompt
 
-__all__ = ["useful_flops", "unique_tokens", "linear_shapes", "gemm_throughput"]
+__all__ = ["useful_flops", "unique_tokens", "linear_shapes", "gemm_throughput", "synchronize"]
 
 
 def _context_sum(start: int, count: int) -> int:
@@ -52,7 +52,8 @@ def linear_shapes(config) -> list[tuple[int, int]]:
     return [(d, q), (d, kv), (d, kv), (q, d), (d, inter), (d, inter), (inter, d)]
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -74,12 +75,12 @@ def gemm_throughput(config, dtype: torch.dtype, device: torch.device | str, rows
     best = 0.0
     for _ in range(trials):
         passes, start = 0, time.perf_counter()
-        _sync(device)
+        synchronize(device)
         while True:
             for a, b in pairs:
                 a @ b
             passes += 1
-            _sync(device)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds:
                 break

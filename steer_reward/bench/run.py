@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from steer_reward.backends.local import LocalBackend
-from steer_reward.bench.roofline import gemm_throughput, unique_tokens, useful_flops
+from steer_reward.bench.roofline import gemm_throughput, synchronize, unique_tokens, useful_flops
 from steer_reward.bench.shapes import build_shape_model, non_embedding_params
 from steer_reward.bench.workloads import WorkloadSpec, build_workload
 from steer_reward.config import BatchingConfig
@@ -62,11 +62,6 @@ def load_bench_model(name: str, device: str, dtype: str):
     quiet_transformers()
     model, tokenizer, _ = load_reward_model(ModelConfig(path=name, device=device, dtype=dtype))
     return model.eval(), tokenizer.pad_token_id, len(tokenizer), tuple(tokenizer.all_special_ids)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -116,10 +111,10 @@ def run_bench(options: BenchOptions) -> dict:
         for name, run in paths.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             outputs[name] = run()
-            _sync(device)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             seconds[name] = min(seconds[name], elapsed)
             if device.type == "cuda":

@@ -137,9 +137,7 @@ class SteerRewardFunc(_LazyReward):
         super().__init__(reward)
         self.__name__ = name or unique_name("steer_reward")
         self.policy_pad_token_id = policy_pad_token_id
-        shaping = reward.config.shaping
-        self.update_stats = (shaping.update_running_stats and reward.shaper.has_running_state
-                             if update_stats is None else bool(update_stats))
+        self.update_stats = reward.shaper.updates_in_training if update_stats is None else bool(update_stats)
         self.log_attributes = log_attributes
 
     def _finish(self, scored: Any, log_metric: Callable | None, log_extra: Callable | None) -> list[float]:
@@ -206,8 +204,7 @@ class SharedAttributeForward(_LazyReward):
             )
         self.members = tuple(members)
         self.policy_pad_token_id = policy_pad_token_id
-        self.update_stats = (shaping.update_running_stats and reward.shaper.has_running_state
-                             if update_stats is None else bool(update_stats))
+        self.update_stats = reward.shaper.updates_in_training if update_stats is None else bool(update_stats)
         self._lock = threading.Lock()
         self._key: tuple | None = None
         self._result: tuple[torch.Tensor, torch.Tensor] | None = None

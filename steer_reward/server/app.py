@@ -60,9 +60,7 @@ class RewardService:
         self._variants: dict[str, Any] = {}
         tokenizer = self.scorer.tokenizer
         self.end_tokens = tuple(t for t in (getattr(tokenizer, "eos_token", None),) if t)
-        shaping = reward.config.shaping
-        self.update_stats = bool(shaping.update_running_stats and "running" in (
-            shaping.normalization, shaping.reward_normalization))
+        self.update_stats = reward.shaper.updates_in_training
 
     # -- pieces the handlers share ------------------------------------------------------------------------
     def authorize(self, request: Any) -> None:
