@@ -127,14 +127,21 @@ class RemoteScorer:
                 pass
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.5)
 
-    def _outcome(self, url: str, response: Any) -> tuple[Any, str | None]:
-        """(reply JSON, None) on success; (None, Retry-After or "") when worth retrying; raises on a 4xx."""
+    def _outcome(self, url: str, response: Any, error: Exception | None) -> tuple[Any, str | None, str]:
+        """One try's result as (reply JSON or None, Retry-After, what went wrong); raises on a 4xx.
+
+        ``error`` is the transport error (connection refused, timeout) when no response came back.
+        """
+        if error is not None:
+            self._mark_unhealthy(url)
+            return None, None, f"{url}: {type(error).__name__}: {error}"
         if response.status_code == 200:
-            return response.json(), None
+            return response.json(), None, ""
         if response.status_code in _RETRY_STATUS:
             if response.status_code != 429:
                 self._mark_unhealthy(url)
-            return None, response.headers.get("retry-after", "")
+            retry_after = response.headers.get("retry-after", "")
+            return None, retry_after, f"{url}: busy or failing (Retry-After {retry_after or 'not given'})"
         raise RemoteError(f"{url} refused the request ({response.status_code}): {_error_message(response)}",
                           response.status_code)
 
@@ -156,14 +163,12 @@ class RemoteScorer:
         for attempt in range(self.retries):
             url = self._pick()
             try:
-                reply, retry_after = self._outcome(url, client.request(method, url + path, json=payload))
+                response, error = client.request(method, url + path, json=payload), None
             except httpx.TransportError as err:
-                self._mark_unhealthy(url)
-                reply, retry_after, last = None, None, f"{url}: {type(err).__name__}: {err}"
-            else:
-                if reply is not None:
-                    return reply
-                last = f"{url}: busy or failing (Retry-After {retry_after or 'not given'})"
+                response, error = None, err
+            reply, retry_after, last = self._outcome(url, response, error)
+            if reply is not None:
+                return reply
             if attempt + 1 < self.retries:
                 time.sleep(self._delay(attempt, retry_after))
         raise self._give_up(path, last)
@@ -219,14 +224,12 @@ class RemoteScorer:
         for attempt in range(self.retries):
             url = self._pick()
             try:
-                reply, retry_after = self._outcome(url, await client.request(method, url + path, json=payload))
+                response, error = await client.request(method, url + path, json=payload), None
             except httpx.TransportError as err:
-                self._mark_unhealthy(url)
-                reply, retry_after, last = None, None, f"{url}: {type(err).__name__}: {err}"
-            else:
-                if reply is not None:
-                    return reply
-                last = f"{url}: busy or failing (Retry-After {retry_after or 'not given'})"
+                response, error = None, err
+            reply, retry_after, last = self._outcome(url, response, error)
+            if reply is not None:
+                return reply
             if attempt + 1 < self.retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
         raise self._give_up(path, last)

@@ -37,12 +37,8 @@ def config_path(tmp_path_factory, demo_model_path):
 
 @pytest.fixture(scope="module")
 def server(config_path, tmp_path_factory):
-    process = ServerProcess(["--config", str(config_path)], log_path=tmp_path_factory.mktemp("log") / "s.log")
-    try:
-        process.start()
+    with ServerProcess(["--config", str(config_path)], log_path=tmp_path_factory.mktemp("log") / "s.log") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

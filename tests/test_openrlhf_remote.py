@@ -117,12 +117,8 @@ def reference(config_path):
 @pytest.fixture(scope="module")
 def server(config_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("openrlhf-log") / "server.log"
-    process = ServerProcess(["--config", str(config_path)], log_path=log)
-    try:
-        process.start()
+    with ServerProcess(["--config", str(config_path)], log_path=log) as process:
         yield process
-    finally:
-        process.stop()
 
 
 async def _rollouts(executor, actor, prompts):

@@ -35,12 +35,8 @@ def config_path(tmp_path_factory, demo_model_path):
 @pytest.fixture(scope="module")
 def server(config_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    process = ServerProcess(["--config", str(config_path)], env={"STEER_REWARD_TOKEN": TOKEN}, log_path=log)
-    try:
-        process.start()
+    with ServerProcess(["--config", str(config_path)], env={"STEER_REWARD_TOKEN": TOKEN}, log_path=log) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
