@@ -1,4 +1,4 @@
-"""CLI round trips on the real data in ../shared/data, and clean errors (no tracebacks) for bad input."""
+"""CLI round trips on the real data in tests/data, and clean errors (no tracebacks) for bad input."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 
 from steer_reward.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-LLMBAR = SHARED / "llmbar" / "llmbar_rewardbench_style.jsonl"
-HELPSTEER = SHARED / "helpsteer2_sample" / "helpsteer2_rows_from_test-rm.jsonl"
+DATA = Path(__file__).resolve().parent / "data"
+LLMBAR = DATA / "llmbar" / "llmbar_rewardbench_style_first60.jsonl"
+HELPSTEER = DATA / "helpsteer2_sample" / "helpsteer2_rows_from_test-rm.jsonl"
 
 
 def _rows(path):

@@ -9,7 +9,7 @@ import pytest
 
 from steer_reward.formatting import FormattingError, RewardFormatter, completion_text
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_conversational_inputs(tokenizer):
 
 def test_steerlm_template_matches_nemo_aligner_training_text(tokenizer):
     """The SteerLM template reproduces NeMo-Aligner's regression-RM text byte for byte."""
-    rows = [json.loads(line) for line in (SHARED / "helpsteer2_sample/helpsteer2_rows_from_test-rm.jsonl").open()]
-    texts = [json.loads(line)["text"] for line in (SHARED / "helpsteer2_sample/test-rm.jsonl").open()]
+    rows = [json.loads(line) for line in (DATA / "helpsteer2_sample/helpsteer2_rows_from_test-rm.jsonl").open()]
+    texts = [json.loads(line)["text"] for line in (DATA / "helpsteer2_sample/test-rm.jsonl").open()]
     formatter = RewardFormatter(tokenizer, "steerlm")
     for row, expected in zip(rows, texts):
         prompt_text, response_text = formatter.texts(row["prompt"], row["response"])
