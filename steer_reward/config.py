@@ -60,6 +60,11 @@ class ModelConfig:
     """System turn for the steerlm template; None uses SteerLM's standard system prompt."""
     max_length: int = 4096
     """Longest token sequence the model scores; longer ones lose prompt tokens from the left."""
+    overlong: str = "truncate"
+    """What every face (library, CLI, TRL, server, OpenRLHF) does with a sample longer than ``max_length``:
+    ``truncate`` scores it cut (prompt tokens first, from the left; the completion's start only when the
+    completion alone is too long) and reports ``prompt_truncated`` / ``completion_truncated`` per sample;
+    ``reject`` refuses a sample whose completion alone does not fit, with an error naming it."""
     trust_remote_code: bool = False
     """Allow the checkpoint's own Python code (ArmoRM-style models need it). Off unless asked."""
     allow_pickle: bool = False
@@ -197,6 +202,7 @@ class SteerRewardConfig:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16", "auto"))
         _check_choice("model.template", self.model.template, ("chat_template", "steerlm", "raw"))
+        _check_choice("model.overlong", self.model.overlong, ("truncate", "reject"))
         _check_choice("batching.strategy", self.batching.strategy, ("auto", "padded", "prefix", "packed"))
         _check_choice("shaping.normalization", self.shaping.normalization, ("none", "running", "fixed"))
         _check_choice("shaping.reward_normalization", self.shaping.reward_normalization, ("none", "running"))
