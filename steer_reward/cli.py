@@ -13,7 +13,7 @@ import sys
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Module names under steer_reward.commands; each defines register(subparsers).
-COMMANDS = ["score", "demo", "serve", "openrlhf_func", "best_of_n", "reselect", "export_folded", "bench"]
+COMMANDS = ["score", "demo", "serve", "openrlhf_func", "best_of_n", "reselect", "export_folded", "bench", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
