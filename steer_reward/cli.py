@@ -13,7 +13,8 @@ import sys
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Module names under steer_reward.commands; each defines register(subparsers).
-COMMANDS = ["score", "demo", "serve", "openrlhf_func", "best_of_n", "reselect", "export_folded", "bench", "eval"]
+COMMANDS = ["score", "demo", "serve", "openrlhf_func", "best_of_n", "reselect", "export_folded", "bench", "eval",
+            "calibrate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
