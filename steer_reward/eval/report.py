@@ -201,12 +201,17 @@ def plot_report(report: EvalReport, path: str | Path, title_note: str = "") -> N
         front = sorted((p for p in report.sweep if p.pareto), key=lambda p: p.accuracy.preferred_tokens)
         ax.plot([p.accuracy.preferred_tokens for p in front], [y(p.accuracy) for p in front], "-o", color="tab:red",
                 markersize=4, label="Pareto front (shorter and more accurate)", zorder=2)
-    marked = [(e, "s", "tab:blue") for e in report.presets] + [(e, "D", "tab:green") for e in report.configs]
-    for i, (e, marker, color) in enumerate(marked):
-        ax.scatter([e.accuracy.preferred_tokens], [y(e.accuracy)], marker=marker, s=50, color=color, zorder=3,
-                   edgecolors="black", linewidths=0.5)
-        ax.annotate(e.name, (e.accuracy.preferred_tokens, y(e.accuracy)), textcoords="offset points",
-                    xytext=(5, 4 + 9 * (i % 2)), fontsize=7)
+    config_names = {e.name for e in report.configs}
+    presets = [e for e in report.presets if e.name not in config_names]  # a config named like a preset is shown once
+    for i, (group, marker, color, label) in enumerate(((presets, "s", "tab:blue", "weight presets"),
+                                                        (report.configs, "D", "tab:green", "configs"))):
+        if not group:
+            continue
+        ax.scatter([e.accuracy.preferred_tokens for e in group], [y(e.accuracy) for e in group], marker=marker, s=50,
+                   color=color, zorder=3, edgecolors="black", linewidths=0.5, label=label)
+        for j, e in enumerate(group):
+            ax.annotate(e.name, (e.accuracy.preferred_tokens, y(e.accuracy)), textcoords="offset points",
+                        xytext=(5, 4 + 9 * ((i + j) % 2)), fontsize=7)
     ax.axvline(report.chosen_tokens, color="0.4", linestyle="--", linewidth=0.8, label="chosen responses' mean")
     ax.set_xlabel("mean reward-model tokens of the preferred response")
     ax.set_ylabel(("RewardBench-style score" if report.metric == "score" else "accuracy") + " (%)")
