@@ -41,6 +41,9 @@ __all__ = [
     "LengthCorrelationWindow",
     "LengthCorrelationAlarm",
     "RewardMonitorCallback",
+    "SERVER_WINDOW",
+    "monitor_scored_batch",
+    "monitor_shaped_batch",
 ]
 
 logger = logging.getLogger("steer_reward.monitors")
@@ -237,3 +240,31 @@ class RewardMonitorCallback(TrainerCallback):
                 message = f"{prefix}: {message}"
                 self.warnings.append(message)
                 logger.warning(message)
+
+
+# -- what the faces call ------------------------------------------------------------------------------------------
+
+SERVER_WINDOW = 1024
+"""Samples the reward server correlates over (OpenRLHF sends one sample per request)."""
+
+
+def monitor_scored_batch(log_metric: Callable[[str, float], Any] | None, prefix: str, attributes: Any,
+                         rewards: torch.Tensor, shaper: Any, lengths: Sequence[int] | None = None) -> dict[str, float]:
+    """The shaped-reward TRL face: one batch's ``AttributeScores`` and rewards ``(n,)``; ``lengths`` the policy's
+    completion tokens when TRL passed them (else the reward model's)."""
+    lengths_t = torch.as_tensor(lengths if lengths is not None else attributes.completion_lengths)
+    penalty = shaper.length_penalty(lengths_t) if shaper.needs_lengths else None
+    return log_length_correlations(log_metric, prefix, lengths_t, rewards, attributes.values, shaper.schema, penalty)
+
+
+def monitor_shaped_batch(log_metric: Callable[[str, float], Any] | None, prefix: str, values: torch.Tensor,
+                         lengths: torch.Tensor, shaper: Any) -> dict[str, float]:
+    """The per-attribute TRL face: ``values`` ``(n, K)`` are the decorrelated, normalized attributes TRL weighs
+    itself; the reward is their weighted sum minus the length penalty (TRL's ``reward_weights`` are the shaping
+    weights)."""
+    live = list(shaper.schema.live)
+    rewards = values[:, live] @ shaper.weights[live]
+    penalty = shaper.length_penalty(lengths) if shaper.needs_lengths else None
+    if penalty is not None:
+        rewards = rewards - penalty
+    return log_length_correlations(log_metric, prefix, lengths, rewards, values, shaper.schema, penalty)
