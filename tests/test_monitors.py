@@ -115,3 +115,47 @@ def test_callback_takes_weights_from_a_reward(make_reward):
     assert RewardMonitorCallback(reward=reward.for_trl()).weights == STEERLM9.weight_dict("nemotron-340b")
     funcs, _ = reward.trl_attribute_funcs()
     assert RewardMonitorCallback(reward=funcs[0]).weights == STEERLM9.weight_dict("nemotron-340b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_attribute", [False, True])
+def test_grpo_run_logs_length_correlations_and_warns_on_a_length_tracking_reward(per_attribute, demo_policy_path,
+                                                                                 make_reward, tmp_path):
+    """A real GRPOTrainer run (the tiny recipe of test_trl) whose reward is made to track length: a negative
+    length penalty (+5 per token past the first). The correlations appear in the logs every step and the callback
+    warns once, naming the length penalty's term as the driver."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trl
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(demo_policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(demo_policy_path)
+    # Many stop tokens, so the random policy's completions end at different lengths (1 to 8 tokens).
+    policy.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(100, 400)]
+    reward = make_reward({"weights": "steerlm-70b", "length_penalty": {"alpha": -5.0, "target_tokens": 1}})
+    if per_attribute:
+        funcs, weights = reward.trl_attribute_funcs(policy_pad_token_id=tokenizer.pad_token_id)
+        prefix = "steer_reward"
+    else:
+        funcs, weights = [reward.for_trl(policy_pad_token_id=tokenizer.pad_token_id)], None
+        prefix = funcs[0].__name__
+    callback = RewardMonitorCallback(threshold=0.3, patience=2, reward=reward)
+    prompts = [[{"role": "user", "content": t}] for t in ("Say hi.", "Name a color.", "Count to three.", "Why?")]
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), use_cpu=True, max_steps=3, per_device_train_batch_size=8,
+                          num_generations=4, max_completion_length=8, logging_steps=1, report_to="none",
+                          save_strategy="no", reward_weights=weights, seed=0, learning_rate=1e-5)
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=funcs, args=args, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": prompts * 4}), callbacks=[callback])
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if f"{prefix}/length_spearman/reward" in row]
+    assert len(logs) == 3
+    for row in logs:
+        assert row[f"{prefix}/length_spearman/reward"] > 0.3
+        assert row[f"{prefix}/length_spearman/length_penalty"] == pytest.approx(1.0)  # −penalty = 5·(len − 1)
+        for name in NAMES:
+            assert -1.0 <= row[f"{prefix}/length_spearman/{name}"] <= 1.0
+    assert len(callback.warnings) == 1
+    assert callback.warnings[0].startswith(f"{prefix}: ") and "'length_penalty'" in callback.warnings[0]
+    assert "(step 2)" in callback.warnings[0]

@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from steer_reward.config import ConfigError
+from steer_reward.monitors import monitor_scored_batch, monitor_shaped_batch
 
 __all__ = [
     "SteerRewardFunc",
@@ -129,7 +130,8 @@ class SteerRewardFunc(_LazyReward):
     >>> GRPOTrainer(model=policy, reward_funcs=[func], ...)  # doctest: +SKIP
 
     Per-attribute batch means go to ``log_metric`` as ``<name>/<attribute>``, per-sample attributes to
-    ``log_extra`` as ``<name>/<attribute>`` columns of the completions table.
+    ``log_extra`` as ``<name>/<attribute>`` columns of the completions table, the batch's Spearman correlations
+    with completion length as ``<name>/length_spearman/<reward|attribute>`` (``steer_reward.monitors``).
     """
 
     def __init__(self, reward: Any, name: str | None = None, policy_pad_token_id: int | None = None,
@@ -140,16 +142,19 @@ class SteerRewardFunc(_LazyReward):
         self.update_stats = reward.shaper.updates_in_training if update_stats is None else bool(update_stats)
         self.log_attributes = log_attributes
 
-    def _finish(self, scored: Any, log_metric: Callable | None, log_extra: Callable | None) -> list[float]:
+    def _finish(self, scored: Any, log_metric: Callable | None, log_extra: Callable | None,
+                lengths: list[int] | None = None) -> list[float]:
         if self.log_attributes:
             _log_attributes(self.__name__, scored.attributes, self.reward.schema, log_metric, log_extra)
+            monitor_scored_batch(log_metric, self.__name__, scored.attributes, scored.rewards, self.reward.shaper,
+                                 lengths)
         return scored.rewards.tolist()
 
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  log_metric: Callable | None = None, log_extra: Callable | None = None, **_: Any) -> list[float]:
         lengths = policy_lengths(completion_ids, self.policy_pad_token_id)
         scored = self.reward.score(prompts, completions, lengths=lengths, update_stats=self.update_stats)
-        return self._finish(scored, log_metric, log_extra)
+        return self._finish(scored, log_metric, log_extra, lengths)
 
 
 class AsyncSteerRewardFunc(SteerRewardFunc):
@@ -161,7 +166,7 @@ class AsyncSteerRewardFunc(SteerRewardFunc):
                        **_: Any) -> list[float]:
         lengths = policy_lengths(completion_ids, self.policy_pad_token_id)
         scored = await self.reward.ascore(prompts, completions, lengths=lengths, update_stats=self.update_stats)
-        return self._finish(scored, log_metric, log_extra)
+        return self._finish(scored, log_metric, log_extra, lengths)
 
 
 def _log_attributes(prefix: str, attributes: Any, schema: Any, log_metric: Callable | None,
@@ -269,31 +274,35 @@ class SharedAttributeForward(_LazyReward):
 
 class AttributeRewardFunc:
     """One attribute (decorrelated and normalized as configured, unweighted) as a TRL reward function; with
-    ``attribute=None``, minus the length penalty. TRL's ``reward_weights`` apply the weights."""
+    ``attribute=None``, minus the length penalty. TRL's ``reward_weights`` apply the weights. The group's first
+    function logs the batch's length correlations as ``steer_reward/length_spearman/<reward|attribute>``."""
 
     def __init__(self, shared: SharedAttributeForward, attribute: str | None, name: str | None = None) -> None:
         self.shared = shared
         self.attribute = attribute
         self.__name__ = name or unique_name(attribute or "length_penalty")
 
-    def _values(self, result: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
+    def _values(self, result: tuple[torch.Tensor, torch.Tensor], log_metric: Callable | None = None) -> list[float]:
         values, lengths = result
         shaper = self.shared.reward.shaper
+        if log_metric is not None and self.__name__ == self.shared.members[0]:
+            monitor_shaped_batch(log_metric, "steer_reward", values, lengths, shaper)
         if self.attribute is None:
             return (-shaper.length_penalty(lengths)).float().tolist()
         return values[:, shaper.schema.index(self.attribute)].float().tolist()
 
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
-                 **_: Any) -> list[float]:
-        return self._values(self.shared.attributes(self.__name__, prompts, completions, completion_ids))
+                 log_metric: Callable | None = None, **_: Any) -> list[float]:
+        return self._values(self.shared.attributes(self.__name__, prompts, completions, completion_ids), log_metric)
 
 
 class AsyncAttributeRewardFunc(AttributeRewardFunc):
     """``AttributeRewardFunc`` for an async (remote) reward: the group's functions await one shared request."""
 
     async def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
-                       **_: Any) -> list[float]:
-        return self._values(await self.shared.aattributes(self.__name__, prompts, completions, completion_ids))
+                       log_metric: Callable | None = None, **_: Any) -> list[float]:
+        return self._values(await self.shared.aattributes(self.__name__, prompts, completions, completion_ids),
+                            log_metric)
 
 
 def attribute_reward_funcs(reward: Any, prefix: str = "", policy_pad_token_id: int | None = None,
