@@ -159,3 +159,35 @@ def test_grpo_run_logs_length_correlations_and_warns_on_a_length_tracking_reward
     assert len(callback.warnings) == 1
     assert callback.warnings[0].startswith(f"{prefix}: ") and "'length_penalty'" in callback.warnings[0]
     assert "(step 2)" in callback.warnings[0]
+
+
+def test_server_exposes_length_correlations_of_the_samples_it_served(demo_model_path):
+    """/metrics gauges equal the correlations of every sample served (under the server's weights, also for a
+    request that asked for other weights)."""
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from steer_reward.reward import SteerReward
+    from steer_reward.server.app import create_app
+
+    reward = SteerReward.from_config({"model": {"path": demo_model_path, "device": "cpu"},
+                                      "shaping": {"weights": "steerlm-70b"}})
+    prompts = ["Say hi.", "Name a color.", "Why?", "Count to three.", "Say hi.", "Why?"]
+    completions = ["Hi", "Blue, the colour of the sky on a clear day.", "Because it is.",
+                   "One, two, three, and then four, five, six, seven.", "Hello there, nice to meet you!", "No."]
+    with TestClient(create_app(reward)) as client:
+        assert client.post("/score", json={"prompts": prompts[:4], "completions": completions[:4]}).status_code == 200
+        assert client.post("/score", json={"prompts": prompts[4:], "completions": completions[4:],
+                                           "preset": "helpfulness"}).status_code == 200
+        text = client.get("/metrics").text
+    gauges = {}
+    for line in text.splitlines():
+        if line.startswith("steer_reward_length_spearman{"):
+            series = line.split('series="')[1].split('"')[0]
+            gauges[series] = float(line.rsplit(" ", 1)[1])
+    expected_scores = reward.score(prompts, completions)
+    live = list(STEERLM9.live)
+    expected = length_correlations(expected_scores.attributes.completion_lengths, expected_scores.rewards,
+                                   expected_scores.attributes.values[:, live], NAMES)
+    assert set(gauges) == {"reward", *NAMES}
+    assert gauges == pytest.approx(expected, abs=1e-6)

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from steer_reward.config import ServerConfig
 from steer_reward.errors import InputError, require_extra
 from steer_reward.formatting import FormattingError
+from steer_reward.monitors import SERVER_WINDOW, LengthCorrelationWindow
 from steer_reward.schema import SchemaError
 from steer_reward.server.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from steer_reward.server.metrics import ServerMetrics
@@ -52,6 +53,9 @@ class RewardService:
             # Only the model worker thread scores, so the cache needs no lock.
             backend.set_prompt_cache_tokens(self.config.prompt_cache_tokens)
         self.metrics = ServerMetrics(lambda: self.batcher.pending_samples)
+        # OpenRLHF sends one sample per request: length correlations are taken over the last samples served.
+        self.length_window = LengthCorrelationWindow(reward.schema.live_names, SERVER_WINDOW)
+        self.metrics.watch_length(self.length_window)
         self.batcher = DynamicBatcher(self.scorer.score_encoded, max_wait_ms=self.config.max_wait_ms,
                                       max_batch_tokens=self.config.max_batch_tokens, max_queue=self.config.max_queue,
                                       on_batch=self.metrics.observe_batch)
@@ -104,6 +108,11 @@ class RewardService:
             self.metrics.prompt_truncated.inc(truncated)
         return attributes
 
+    def monitor(self, attributes: Any, rewards: Any) -> None:
+        """Add served samples to the length-correlation window, under the server's own weights."""
+        live = list(self.reward.schema.live)
+        self.length_window.add(attributes.completion_lengths, rewards, attributes.values[:, live])
+
     def info(self) -> dict:
         schema = self.reward.schema
         weights = self.reward.shaper.weights.tolist()
@@ -144,6 +153,7 @@ class RewardService:
                     "completion_lengths": [], "prompt_truncated_tokens": []}
         attributes = await self.attributes(body.prompts, body.completions)
         rewards = variant.rewards(attributes)
+        self.monitor(attributes, rewards if variant is self.reward else self.reward.rewards(attributes))
         return {
             "rewards": _finite(rewards.tolist()),
             "attributes": {n: _finite(attributes.column(n).tolist()) for n in names},
@@ -171,6 +181,7 @@ class RewardService:
         from steer_reward.reward import ScoredBatch
 
         scored = ScoredBatch(attributes, self.reward.rewards(attributes, update_stats=self.update_stats))
+        self.monitor(attributes, scored.rewards)
         return openrlhf_reply(scored, live)
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the reward server: requests, latency, batch sizes, tokens, queue depth.
+"""Prometheus metrics of the reward server: requests, latency, batch sizes, tokens, queue depth, length
+correlations.
 
 Each server gets its own registry, so several apps in one process (tests) never collide.
 """
@@ -56,6 +57,16 @@ class ServerMetrics:
         self.batch_seconds.observe(stats.seconds)
         self.samples.inc(stats.samples)
         self.tokens.inc(stats.tokens)
+
+    def watch_length(self, window) -> None:
+        """Gauges ``steer_reward_length_spearman{series="reward"|<attribute>}``, read from a
+        ``steer_reward.monitors.LengthCorrelationWindow`` when scraped."""
+        prom = require_extra("prometheus_client", "server")
+        gauge = prom.Gauge("steer_reward_length_spearman", "Spearman correlation of the reward and of each live "
+                           f"attribute with completion length over the last {window.window} scored samples",
+                           ["series"], registry=self.registry)
+        for series in ["reward", *window.names]:
+            gauge.labels(series).set_function(lambda series=series: window.correlations()[series])
 
     def render(self) -> bytes:
         return self._generate(self.registry)
