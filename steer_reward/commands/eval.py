@@ -63,8 +63,8 @@ def load_configs(paths: list[str], model: str | None, overrides: list[str]) -> l
     return [(name, load_config(path, values)) for name, path in zip(names, paths)]
 
 
-def _scored_data(args: argparse.Namespace, data: Any, configs: list, axes: list) -> tuple[Any, bool]:
-    """(scored preferences, whether a model was loaded for them)."""
+def _scored_data(args: argparse.Namespace, data: Any, configs: list, axes: list) -> Any:
+    """The scored preferences: read from ``--scored`` when it exists (no model), else scored now."""
     from steer_reward.eval.scored import check_same_scoring, is_demo_model, read_scored, score_preferences, write_scored
 
     check_same_scoring(configs)
@@ -72,7 +72,7 @@ def _scored_data(args: argparse.Namespace, data: Any, configs: list, axes: list)
     if args.scored and Path(args.scored).is_file():
         scored = read_scored(args.scored, data, scoring)
         _check(scored.schema, configs, axes)
-        return scored, False
+        return scored
     if scoring.model.path is None:
         raise InputError("no model to score the data with: pass --model PATH|demo (or model.path in the first "
                          "--config), or --scored with a file from an earlier run")
@@ -90,7 +90,7 @@ def _scored_data(args: argparse.Namespace, data: Any, configs: list, axes: list)
         write_scored(args.scored, scored, data)
         print(f"wrote the scored attributes to {args.scored}; later runs read them without a model",
               file=sys.stderr)
-    return scored, True
+    return scored
 
 
 def _check(schema: Any, configs: list, axes: list) -> None:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     axes = parse_sweep(args.sweep) if args.sweep is not None else []
     data = load_preferences(args.data)
     configs = load_configs(args.configs, args.model, args.overrides)
-    scored, _ = _scored_data(args, data, configs, axes)
+    scored = _scored_data(args, data, configs, axes)
     report = build_report(args.data, scored, configs if args.configs else configs[:1], axes, args.metric,
                           args.bootstrap, args.seed, args.top)
     if not args.configs:
