@@ -3,6 +3,7 @@ still right), auth, limits, per-request weights, truncation reports, /info, /hea
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -131,17 +132,32 @@ CORPUS = [
     ("unknown path", "POST", "/scores", _score(), {}, 404),
     ("query not a list", "POST", "/get_reward", _json({"query": "x", "prompts": ["x"]}), {}, 422),
     ("query item a number", "POST", "/get_reward", _json({"query": [1], "prompts": ["x"]}), {}, 422),
-    ("empty query string", "POST", "/get_reward", _json({"query": [""], "prompts": [""]}), {}, 422),
     ("query/prompts mismatch", "POST", "/get_reward", _json({"query": ["a", "b"], "prompts": ["a"]}), {}, 422),
     ("labels mismatch", "POST", "/get_reward",
      _json({"query": [LLAMA3_PROMPT + "Yo"], "prompts": [LLAMA3_PROMPT], "labels": [1, 2]}), {}, 422),
     ("prompt item not a string", "POST", "/get_reward", _json({"query": ["abc"], "prompts": [["a"]]}), {}, 422),
-    ("plain query without its prompt", "POST", "/get_reward",
-     _json({"query": ["Question: 2+2? Answer: 4"], "prompts": ["Something else"]}), {}, 422),
-    ("chat query ending on a user turn", "POST", "/get_reward",
-     _json({"query": ["<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]}), {}, 422),
     ("missing query", "POST", "/get_reward", _json({"prompts": ["x"]}), {}, 422),
-    ("unknown get_reward key", "POST", "/get_reward", _json({"queries": ["x"]}), {}, 422),
+    ("misspelled query key", "POST", "/get_reward", _json({"queries": ["x"]}), {}, 422),
+    # A sample /get_reward cannot read is answered with the fallback reward, not an error (OpenRLHF would stop
+    # training): see test_openrlhf_remote.py. Only a request malformed as a whole is refused.
+    # Inputs that used to reach the model code and come back 500 (which clients retry): each is a 4xx now.
+    ("lone surrogate in a prompt", "POST", "/score", b'{"prompts": ["Hi \\ud800"], "completions": ["a"]}', {}, 400),
+    ("lone surrogate in a completion", "POST", "/score", b'{"prompts": ["Hi"], "completions": ["\\udfff"]}', {}, 400),
+    ("lone surrogate in a role", "POST", "/score",
+     b'{"prompts": [[{"role": "\\ud800", "content": "x"}]], "completions": ["a"]}', {}, 400),
+    ("lone surrogate in a key", "POST", "/score", b'{"prompts": ["Hi"], "completions": ["a"], "\\ud800": 1}', {}, 400),
+    ("400-digit integer weight", "POST", "/score",
+     b'{"prompts": ["Hi"], "completions": ["a"], "weights": {"helpfulness": 1' + b"0" * 400 + b"}}", {}, 422),
+    ("5000-digit integer weight", "POST", "/score",
+     b'{"prompts": ["Hi"], "completions": ["a"], "weights": {"helpfulness": 1' + b"0" * 5000 + b"}}", {}, 400),
+    ("JSON nested 30,000 levels", "POST", "/score", b'{"prompts": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", {}, 400),
+    ("JSON nested 500 levels", "POST", "/get_reward",
+     b'{"query": ["Q: hi A: yo"], "labels": ' + b"[" * 500 + b"]" * 500 + b"}", {}, 400),
+    ("gzip-encoded body", "POST", "/score", gzip.compress(_score()), {"Content-Encoding": "gzip"}, 415),
+    ("completion message from the user", "POST", "/score",
+     _score(completions=[[{"role": "user", "content": "x"}]]), {}, 422),
+    ("completion message from the system", "POST", "/score",
+     _score(completions=[[{"role": "assistant", "content": "x"}, {"role": "system", "content": "y"}]]), {}, 422),
 ]
 
 
