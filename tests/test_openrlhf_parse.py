@@ -1,13 +1,18 @@
 """Recovering (conversation, response) from actor-templated OpenRLHF queries: Llama-3, ChatML, plain, multi-turn,
-trailing end-of-turn/EOS tokens; and the reply shape."""
+trailing end-of-turn/EOS tokens; the reply shape, the fallback reward, the scores (templates of the other
+families: test_openrlhf_templates.py)."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
 
 from steer_reward.errors import InputError
-from steer_reward.server.openrlhf import empty_reply, openrlhf_reply, parse_query, strip_end_tokens
+from steer_reward.server.openrlhf import (SampleFailure, check_openrlhf_options, empty_reply, openrlhf_reply,
+                                          parse_query, reward_scores, strip_end_tokens)
 
 L3_PROMPT = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
@@ -68,14 +73,68 @@ def test_strip_end_tokens_keeps_the_responses_own_newline():
     assert strip_end_tokens("a</s></s>") == "a"
 
 
-def test_reply_shape_has_one_list_per_live_attribute():
+def _scored(values, rewards, truncated=(0, 5)):
     from steer_reward.reward import ScoredBatch
     from steer_reward.scoring import AttributeScores
 
+    n = len(rewards)
+    attrs = AttributeScores(values, ("a", "b", "c", "d", "e", "f", "g", "h", "i"), torch.tensor([3] * n),
+                            torch.tensor(list(truncated)[:n]), torch.tensor([0] * n))
+    return ScoredBatch(attrs, torch.tensor(rewards))
+
+
+def test_reply_shape_has_one_finite_number_per_sample_in_every_list():
     values = torch.arange(18, dtype=torch.float32).reshape(2, 9)
-    attrs = AttributeScores(values, ("a", "b", "c", "d", "e", "f", "g", "h", "i"), torch.tensor([3, 4]),
-                            torch.tensor([0, 5]), torch.tensor([0, 0]))
-    reply = openrlhf_reply(ScoredBatch(attrs, torch.tensor([1.5, float("nan")])), ["e", "i"])
-    assert reply == {"rewards": [1.5, None], "scores": [1.5, None],
-                     "extra_logs": {"e": [4.0, 13.0], "i": [8.0, 17.0], "prompt_truncated_tokens": [0.0, 5.0]}}
-    assert empty_reply(["e"]) == {"rewards": [], "scores": [], "extra_logs": {"e": [], "prompt_truncated_tokens": []}}
+    reply = openrlhf_reply(2, ["e", "i"], _scored(values, [1.5, -2.0]), [0, 1], [], scores="reward")
+    assert reply == {"rewards": [1.5, -2.0], "scores": [1.5, -2.0],
+                     "extra_logs": {"e": [4.0, 13.0], "i": [8.0, 17.0], "prompt_truncated_tokens": [0.0, 5.0],
+                                    "reward_failed": [0.0, 0.0]},
+                     "failures": []}
+    assert empty_reply(["e"]) == {"rewards": [], "scores": [], "failures": [],
+                                  "extra_logs": {"e": [], "prompt_truncated_tokens": [], "reward_failed": []}}
+
+
+def test_failed_and_non_finite_samples_get_the_fallback_reward_and_a_flag():
+    """OpenRLHF turns a null reward into a crash of the training step: NaN/inf and failed samples are answered
+    with the fallback reward, flagged in extra_logs (same keys in every reply) and listed."""
+    values = torch.arange(27, dtype=torch.float32).reshape(3, 9)
+    values[1, 4] = float("nan")
+    scored = _scored(values, [0.5, float("nan"), float("inf")], truncated=(2, 0, 1))
+    failures = [SampleFailure(1, "query", "query[1]: cannot split it")]
+    # samples 0, 2, 3 were scored (rows 0, 1, 2); sample 1 could not be read
+    reply = openrlhf_reply(4, ["e"], scored, [0, 2, 3], failures, fallback=-3.0, scores="reward")
+    assert reply["rewards"] == [0.5, -3.0, -3.0, -3.0]
+    assert reply["extra_logs"]["reward_failed"] == [0.0, 1.0, 1.0, 1.0]
+    assert reply["extra_logs"]["e"] == [4.0, 0.0, 0.0, 0.0]
+    assert reply["extra_logs"]["prompt_truncated_tokens"] == [2.0, 0.0, 0.0, 0.0]
+    assert [(f["index"], f["reason"]) for f in reply["failures"]] == [(1, "query"), (2, "non_finite"),
+                                                                      (3, "non_finite")]
+    json.dumps(reply, allow_nan=False)  # what the server's JSON encoder does: no NaN anywhere
+
+
+def test_sigmoid_scores_stay_strictly_inside_openrlhf_default_filter_range():
+    scores = reward_scores([-1000.0, -3.0, 0.0, 2.0, 17.0, 1000.0], "sigmoid")
+    assert scores[2] == 0.5 and scores[1] == pytest.approx(1 / (1 + math.exp(3.0)))
+    assert all(0.0 < s < 1.0 for s in scores)
+    assert all(0.0 < float(torch.tensor([s])) < 1.0 for s in scores)  # OpenRLHF holds scores as float32 tensors
+    assert scores == sorted(scores)
+    assert reward_scores([-2.5, 4.0], "reward") == [-2.5, 4.0]
+
+
+def test_bad_openrlhf_options_are_config_errors():
+    from steer_reward.config import ConfigError, ServerConfig
+
+    check_openrlhf_options(ServerConfig())
+    with pytest.raises(ConfigError, match="did you mean 'sigmoid'"):
+        check_openrlhf_options(ServerConfig(openrlhf_scores="sigmoids"))
+    with pytest.raises(ConfigError, match="finite"):
+        check_openrlhf_options(ServerConfig(fallback_reward=float("nan")))
+
+
+def test_unreadable_queries_are_input_errors_naming_why():
+    with pytest.raises(InputError, match="empty"):
+        parse_query("   ", "x")
+    with pytest.raises(InputError, match="surrogate"):
+        parse_query("Q: hi A: \ud800", "Q: hi A:")
+    with pytest.raises(InputError, match="holds no text"):
+        parse_query("<s> hello", "<s>")  # /score refuses an empty prompt; so does /get_reward, per sample
