@@ -179,6 +179,27 @@ class ServerConfig:
     """Prompt KV caches the server keeps between batches (LRU, in prompt tokens): OpenRLHF sends each sample
     alone, so the samples of one prompt often land in different batches; with the cache the prompt still runs
     once. 0 keeps none. Overrides ``batching.prompt_cache_tokens`` in the server."""
+    actor_tokenizer: str | None = None
+    """OpenRLHF faces (``/get_reward``, the ``openrlhf-func`` file): local folder of the actor's (policy's)
+    tokenizer. Its own chat template fixes which template family the queries are parsed with, the generation
+    prompt and the end tokens; the template is checked at startup. None: the family is recognised from the markup
+    of each prompt (Llama-3, ChatML/Qwen, Mistral/Llama-2 ``[INST]``, Gemma, Phi-3, DeepSeek, or plain text)."""
+    strip_reasoning: bool = True
+    """OpenRLHF faces: score the answer without a leading ``<think>…</think>`` reasoning block (Qwen3, DeepSeek-R1,
+    QwQ); a response still inside its reasoning (no ``</think>``) is scored as an empty answer. False scores the
+    response exactly as the policy generated it, reasoning included."""
+    fallback_reward: float = 0.0
+    """OpenRLHF faces: the reward answered for a sample that cannot be scored (unparseable query, formatting
+    error, over-long input under ``model.overlong: reject``, non-finite reward), with ``reward_failed`` = 1 in its
+    ``extra_logs`` and the failure counted in ``/metrics``. OpenRLHF stops training on any error reply, so a
+    failure is never an error status. 0.0 is neutral for normalized rewards; choose a value at the low end of the
+    reward range to penalize samples that cannot be scored."""
+    openrlhf_scores: str = "sigmoid"
+    """What the OpenRLHF reply's ``scores`` carry. OpenRLHF 0.11 reads ``scores`` only for dynamic filtering
+    (``--algo.dynamic_filtering_enable`` keeps a prompt's samples when min < mean score < max, default range
+    (0, 1)) and logs them as ``score``. ``sigmoid``: 1 / (1 + exp(−reward)), kept within [1e-6, 1 − 1e-6], so the
+    default range keeps every group and a range (a, b) in reward units is (sigmoid(a), sigmoid(b)); ``reward``:
+    the reward itself (then set ``--algo.dynamic_filtering_range`` in reward units)."""
 
 
 @dataclass

@@ -21,11 +21,18 @@ def register(subparsers: Any) -> None:
     )
     add_reward_args(parser)
     parser.add_argument("--out", required=True, help="file to write (e.g. reward_func.py)")
+    parser.add_argument("--actor-tokenizer", metavar="DIR",
+                        help="the actor's tokenizer folder (server.actor_tokenizer): its chat template decides how "
+                             "queries are read; checked now")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(o) for o in args.overrides)
+    if args.actor_tokenizer:
+        overrides["server.actor_tokenizer"] = args.actor_tokenizer
+    if overrides.get("server.actor_tokenizer"):  # the file is loaded from other working directories
+        overrides["server.actor_tokenizer"] = os.path.abspath(str(overrides["server.actor_tokenizer"]))
     config = os.path.abspath(args.config) if args.config else None
     model = args.model
     if model is not None and model != "demo":
@@ -38,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("a reward_func file scores in-process; for a server use --reward.remote_url "
                          "http://HOST:PORT/get_reward instead")
     from steer_reward.openrlhf_reward_func import reward_func_source
+    from steer_reward.server.actor_templates import ActorTemplate
+    from steer_reward.server.openrlhf import check_openrlhf_options
+
+    check_openrlhf_options(checked.server)
+    if checked.server.actor_tokenizer:
+        actor = ActorTemplate.from_tokenizer(checked.server.actor_tokenizer)
+        family = actor.family.name if actor.family else "plain text (no chat template)"
+        print(f"actor template: {family}; generation prompt {actor.generation_prompt!r}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,9 @@ def register(subparsers: Any) -> None:
                                         "command lines are visible to other users)")
     parser.add_argument("--max-wait-ms", type=float, help="server.max_wait_ms: longest wait for a batch to fill")
     parser.add_argument("--max-batch-tokens", type=int, help="server.max_batch_tokens: token budget of one batch")
+    parser.add_argument("--actor-tokenizer", metavar="DIR",
+                        help="server.actor_tokenizer: the OpenRLHF actor's tokenizer folder; its chat template "
+                             "decides how /get_reward queries are read")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     parser.set_defaults(func=run)
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from steer_reward.server.app import create_app
 
     for flag, key in (("host", "server.host"), ("port", "server.port"), ("max_wait_ms", "server.max_wait_ms"),
-                      ("max_batch_tokens", "server.max_batch_tokens")):
+                      ("max_batch_tokens", "server.max_batch_tokens"), ("actor_tokenizer", "server.actor_tokenizer")):
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"{key}={value}")

@@ -25,7 +25,9 @@ from steer_reward.monitors import SERVER_WINDOW, LengthCorrelationWindow
 from steer_reward.schema import SchemaError
 from steer_reward.server.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from steer_reward.server.metrics import ServerMetrics
-from steer_reward.server.openrlhf import empty_reply, openrlhf_reply, parse_query
+from steer_reward.server.actor_templates import ActorTemplate
+from steer_reward.server.openrlhf import (QueryParser, SampleFailure, check_openrlhf_options, empty_reply,
+                                          openrlhf_reply)
 from steer_reward.server.requests import ApiError, parse_reward_request, parse_score_request, read_json
 
 __all__ = ["RewardService", "create_app"]
@@ -65,6 +67,10 @@ class RewardService:
         tokenizer = self.scorer.tokenizer
         self.end_tokens = tuple(t for t in (getattr(tokenizer, "eos_token", None),) if t)
         self.update_stats = reward.shaper.updates_in_training
+        # /get_reward: the actor's chat template is read (and checked) now, not at the first request.
+        check_openrlhf_options(self.config)
+        actor = ActorTemplate.from_tokenizer(self.config.actor_tokenizer) if self.config.actor_tokenizer else None
+        self.query_parser = QueryParser(actor, self.end_tokens, self.config.strip_reasoning)
 
     # -- pieces the handlers share ------------------------------------------------------------------------
     def authorize(self, request: Any) -> None:
@@ -169,20 +175,64 @@ class RewardService:
         live = self.reward.schema.live_names
         if not body.queries:
             return empty_reply(live)
-        prompts, completions = [], []
+        # OpenRLHF fails the training step on an error reply, so a sample that cannot be scored gets the fallback
+        # reward (reported per sample and counted) and only a malformed request as a whole gets a 4xx.
+        failures: list[SampleFailure] = []
+        prompts, completions, index = [], [], []
         for i, query in enumerate(body.queries):
             try:
-                parsed = parse_query(query, body.prompts[i] if body.prompts else None, self.end_tokens)
+                parsed = self.query_parser.parse(query, body.prompts[i] if body.prompts else None)
             except InputError as err:
-                raise ApiError(422, f"query[{i}]: {err}") from None
+                failures.append(SampleFailure(i, "query", f"query[{i}]: {err}"))
+                continue
             prompts.append(parsed.prompt)
             completions.append(parsed.response)
-        attributes = await self.attributes(prompts, completions)
+            index.append(i)
+        index, scored = await self._score_samples(prompts, completions, index, failures)
+        fallback = self.config.fallback_reward
+        reply = openrlhf_reply(len(body.queries), live, scored, index, failures, fallback,
+                               self.config.openrlhf_scores)
+        for failure in reply["failures"]:
+            self.metrics.reward_failures.labels(failure["reason"]).inc()
+            logger.warning("/get_reward answered the fallback reward %g: %s", fallback, failure["error"])
+        return reply
+
+    async def _score_samples(self, prompts: list, completions: list, index: list[int],
+                             failures: list[SampleFailure]) -> tuple[list[int], Any]:
+        """(indices scored, their ``ScoredBatch``); samples that cannot be encoded join ``failures``. The batch is
+        encoded whole first; only when that fails is each sample tried alone, to name the ones at fault."""
         from steer_reward.reward import ScoredBatch
 
+        if not index:
+            return [], None
+        try:
+            attributes = await self.attributes(prompts, completions)
+        except _SAMPLE_ERRORS as batch_error:
+            keep = []
+            for j, (prompt, completion) in enumerate(zip(prompts, completions)):
+                try:
+                    await self.encode([prompt], [completion])
+                except _SAMPLE_ERRORS as err:
+                    message = err.message if isinstance(err, ApiError) else str(err)
+                    failures.append(SampleFailure(index[j], "format", f"query[{index[j]}]: {message}"))
+                else:
+                    keep.append(j)
+            if len(keep) == len(index):
+                raise batch_error  # every sample encodes alone: the failure is not one sample's
+            prompts, completions = [prompts[j] for j in keep], [completions[j] for j in keep]
+            index = [index[j] for j in keep]
+            if not index:
+                return [], None
+            attributes = await self.attributes(prompts, completions)
         scored = ScoredBatch(attributes, self.reward.rewards(attributes, update_stats=self.update_stats))
         self.monitor(attributes, scored.rewards)
-        return openrlhf_reply(scored, live)
+        return index, scored
+
+
+_SAMPLE_ERRORS = (ApiError, ValueError, TypeError)
+"""What encoding one sample raises when that sample is at fault (FormattingError and InputError are ValueErrors;
+the over-long check answers ApiError 413). QueueFull and BatcherStopped are not among them: the whole request
+is answered 503 and retried."""
 
 
 def _error_reply(JSONResponse: Any, status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:

@@ -1,5 +1,5 @@
 """Prometheus metrics of the reward server: requests, latency, batch sizes, tokens, queue depth, length
-correlations.
+correlations, OpenRLHF fallbacks.
 
 Each server gets its own registry, so several apps in one process (tests) never collide.
 """
@@ -48,6 +48,10 @@ class ServerMetrics:
         self.queue_depth.set_function(queue_depth)
         self.rejected = prom.Counter("steer_reward_backpressure_rejections", "Requests answered 503 (queue full)",
                                      registry=self.registry)
+        self.reward_failures = prom.Counter(
+            "steer_reward_reward_failures", "/get_reward samples answered with server.fallback_reward, by reason "
+            "(query: unparseable; format: could not be formatted or encoded; non_finite: NaN/inf reward)",
+            ["reason"], registry=self.registry)
 
     def observe_batch(self, stats) -> None:
         """Record one model batch (a ``BatchStats``); called on the worker thread."""
