@@ -197,9 +197,10 @@ class ServerConfig:
     openrlhf_scores: str = "sigmoid"
     """What the OpenRLHF reply's ``scores`` carry. OpenRLHF 0.11 reads ``scores`` only for dynamic filtering
     (``--algo.dynamic_filtering_enable`` keeps a prompt's samples when min < mean score < max, default range
-    (0, 1)) and logs them as ``score``. ``sigmoid``: 1 / (1 + exp(−reward)), kept within [1e-6, 1 − 1e-6], so the
-    default range keeps every group and a range (a, b) in reward units is (sigmoid(a), sigmoid(b)); ``reward``:
-    the reward itself (then set ``--algo.dynamic_filtering_range`` in reward units)."""
+    (0, 1)) and logs them as ``score``; training uses ``rewards`` only. ``sigmoid``: 1 / (1 + exp(−reward)), kept
+    within [1e-6, 1 − 1e-6], so the default range keeps every group (to filter, give the range on this scale: it
+    is compared with the mean of a group's scores); ``reward``: the reward itself (then give the range in reward
+    units: with the default range, every group whose mean reward is outside (0, 1) is dropped)."""
 
 
 @dataclass
