@@ -94,6 +94,23 @@ def load_samples_generator(swap: ModuleSwap):
     return swap.load("openrlhf_samples_generator_under_test", "trainer/ppo_utils/samples_generator.py")
 
 
+def load_reward_model_loader(swap: ModuleSwap):
+    """``openrlhf/models/model.py``: ``get_llm_for_sequence_regression`` (the reward/critic loader and its
+    RewardModel). ``ring_attn_utils`` imports flash-attn, which has no CPU build; its two functions serve
+    ``packing_samples=True`` only, so they are stand-ins that refuse to run."""
+    ring = types.ModuleType("openrlhf.models.ring_attn_utils")
+
+    def _packing_only(*args, **kwargs):
+        raise RuntimeError("packing_samples needs flash-attn")
+
+    ring.gather_and_pad_tensor = ring.unpad_and_slice_tensor = _packing_only
+    swap.put("openrlhf.models.ring_attn_utils", ring)
+    swap.load("openrlhf.utils.logging_utils", "utils/logging_utils.py")
+    swap.load("openrlhf.utils.utils", "utils/utils.py")
+    swap.load("openrlhf.models.utils", "models/utils.py")
+    return swap.load("openrlhf.models.model", "models/model.py")
+
+
 @dataclasses.dataclass
 class ScriptedEngine:
     """OpenRLHF's vLLM engine seam (``await engine.generate(prompt_ids, sampling_params)``) answering scripted
