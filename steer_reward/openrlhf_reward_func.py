@@ -75,7 +75,7 @@ class OpenRLHFRewardFunc:
             try:
                 if not isinstance(query, str):
                     raise InputError(f"the query is a {type(query).__name__}, not a string")
-                prompt = prompts[i] if prompts else None
+                prompt = prompts[i] if prompts is not None and i < len(prompts) else None
                 parsed = self._parser.parse(query, prompt if isinstance(prompt, str) else None)
             except InputError as err:
                 failures.append(SampleFailure(i, "query", f"query[{i}]: {err}"))

@@ -43,6 +43,32 @@ def test_chatml(tail):
         assert (parsed.template, parsed.prompt, parsed.response) == ("chatml", CHATML_TURNS, "Blue.")
 
 
+@pytest.mark.parametrize("prompt, turns", [
+    # Phi-4: ChatML with <|im_sep|> instead of the newline
+    ("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>"
+     "<|im_start|>assistant<|im_sep|>", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]),
+    # Mistral v7 (Mistral-Small-3): [SYSTEM_PROMPT] block
+    ("<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi[/INST]Hello!</s>[INST]2+2?[/INST]",
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]),
+    # Zephyr: Phi-3's headers, </s> closing turns
+    ("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n",
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]),
+    # DeepSeek-V3: no <think> in the generation prompt
+    ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>",
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]),
+    # Llama-3.1 with tools in the environment: the whole preamble is template text
+    ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: "
+     "December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\n", [{"role": "user", "content": "Hi"}]),
+])
+def test_template_variants(prompt, turns):
+    for query in (prompt + "Four.", prompt + "Four.</s>"):
+        parsed = parse_query(query, prompt)
+        assert (parsed.prompt, parsed.response) == (turns, "Four.")
+
+
 def test_plain_prompt_is_a_prefix_and_bos_is_dropped():
     parsed = parse_query("<s>Question: 2+2?\nAnswer: 4</s>", "<s>Question: 2+2?\nAnswer:")
     assert (parsed.template, parsed.prompt, parsed.response) == ("plain", "Question: 2+2?\nAnswer:", " 4")

@@ -188,6 +188,10 @@ def test_an_unknown_template_is_refused_at_startup(tmp_path, actors):
         ActorTemplate.from_tokenizer(str(tmp_path))
     with pytest.raises(InputError, match="cannot load a tokenizer"):
         ActorTemplate.from_tokenizer(str(tmp_path / "missing"))
+    tokenizer.chat_template = "{{ raise_exception('roles must be special') }}"
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="cannot render .*roles must be special"):
+        ActorTemplate.from_tokenizer(str(tmp_path))
 
 
 # -- OpenRLHF's own rollout code ------------------------------------------------------------------------------
@@ -228,3 +232,15 @@ def test_openrlhf_rollout_through_a_reward_func_file_scores_the_recovered_conver
         expected = make_reward({"weights": "steerlm-70b"}).score([EXPECTED[name]], [RESPONSE])
         torch.testing.assert_close(torch.tensor(output["reward"]), expected.rewards, atol=1e-4, rtol=1e-4)
         assert output["extra_logs"]["reward_failed"] == [0.0]
+
+
+def test_openrlhf_func_checks_the_actor_tokenizer_when_it_writes_the_file(tmp_path, capsys, actors):
+    from steer_reward.cli import main
+
+    out = tmp_path / "reward_func.py"
+    assert main(["openrlhf-func", "--model", "demo", "--actor-tokenizer", str(tmp_path / "nope"),
+                 "--out", str(out)]) == 2
+    assert "server.actor_tokenizer" in capsys.readouterr().err and not out.exists()
+    assert main(["openrlhf-func", "--model", "demo", "--actor-tokenizer", actors["qwen3"][1], "--out", str(out)]) == 0
+    assert "actor template: chatml" in capsys.readouterr().out
+    assert actors["qwen3"][1] in out.read_text()  # an absolute path: OpenRLHF loads the file from elsewhere

@@ -257,8 +257,12 @@ class ActorTemplate:
             prompt = _render(tokenizer, messages, True)
         except Exception:  # noqa: BLE001 - templates without a system role (Gemma 2) raise on it
             messages = messages[1:]
+        try:
             prompt = _render(tokenizer, messages, True)
-        full = _render(tokenizer, messages + [{"role": "assistant", "content": answer2}], False)
+            full = _render(tokenizer, messages + [{"role": "assistant", "content": answer2}], False)
+        except Exception as err:  # noqa: BLE001 - a template error is the user's to fix, in one line
+            raise InputError(f"server.actor_tokenizer {path!r}: its chat template cannot render a user/assistant "
+                             f"conversation ({type(err).__name__}: {err})") from None
         family = detect_family(prompt)
         if family is None:
             raise InputError(
