@@ -14,7 +14,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Module names under steer_reward.commands; each defines register(subparsers).
 COMMANDS = ["score", "demo", "serve", "openrlhf_func", "best_of_n", "reselect", "export_folded", "bench", "eval",
-            "calibrate"]
+            "calibrate", "convert_nemo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

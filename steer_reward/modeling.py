@@ -14,7 +14,12 @@ import torch
 
 from steer_reward.config import ModelConfig
 
-__all__ = ["ModelLoadError", "model_folder", "resolve_device", "resolve_dtype", "load_reward_model", "load_tokenizer"]
+__all__ = ["ModelLoadError", "model_folder", "resolve_device", "resolve_dtype", "load_reward_model", "load_tokenizer",
+           "restore_score_bias", "SCORE_BIAS_FLAG"]
+
+SCORE_BIAS_FLAG = ("steer_reward", "score_bias")
+"""config.json ``steer_reward.score_bias: true``: the checkpoint's ``score`` head has a bias (``score.bias`` in its
+safetensors) that Transformers' bias-free ``score`` would drop; written by ``steer-reward convert-nemo``."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,6 +119,7 @@ def load_reward_model(config: ModelConfig) -> tuple[torch.nn.Module, Any, Path]:
         )
     except ValueError as err:
         raise ModelLoadError(f"cannot load {folder}: {err}") from None
+    restore_score_bias(model, folder)
     if config.adapter:
         model = _merge_adapter(model, config.adapter)
     model.to(device).eval()
@@ -128,3 +134,64 @@ def _merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     if not Path(adapter).is_dir():
         raise ModelLoadError(f"adapter folder {adapter!r} does not exist")
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def _wants_score_bias(model_config: Any) -> bool:
+    section, key = SCORE_BIAS_FLAG
+    meta = getattr(model_config, section, None)
+    return isinstance(meta, dict) and bool(meta.get(key))
+
+
+def _read_safetensors(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The named tensors from a folder's safetensors (sharded with an index, or one file)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = {name: weight_map.get(name) for name in names}
+    else:
+        files = {name: "model.safetensors" for name in names}
+    missing = [n for n, f in files.items() if f is None or not (folder / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{folder}/config.json says the score head has a bias, but the weights hold no "
+                             f"{', '.join(missing)}; re-run the conversion")
+    out = {}
+    for name, file in files.items():
+        with safe_open(str(folder / file), framework="pt") as handle:
+            out[name] = handle.get_tensor(name)
+    return out
+
+
+def restore_score_bias(model: torch.nn.Module, folder: str | Path) -> None:
+    """Give ``model.score`` back the bias its checkpoint holds when config.json says so (``SCORE_BIAS_FLAG``).
+
+    Transformers' Llama-family ``score`` is ``Linear(bias=False)`` and skips ``score.bias`` when loading, which
+    would shift every output by NeMo's ``rm_head`` bias. The head is replaced by a biased ``Linear`` loaded from
+    the safetensors directly (``(K, hidden)`` + ``(K,)``: small), so this also holds when ``from_pretrained``
+    returned ZeRO-3-partitioned parameters: the new head is an ordinary module that ``deepspeed.initialize``
+    partitions with the rest. No-op for checkpoints without the flag.
+    """
+    from torch import nn
+
+    if not _wants_score_bias(getattr(model, "config", None)):
+        return
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise ModelLoadError(f"{folder}/config.json says the score head has a bias, but {type(model).__name__} has "
+                             "no linear 'score' head")
+    if head.bias is not None:
+        return
+    tensors = _read_safetensors(Path(folder), ("score.weight", "score.bias"))
+    weight, bias = tensors["score.weight"], tensors["score.bias"]
+    if tuple(weight.shape) != (head.out_features, head.in_features) or tuple(bias.shape) != (head.out_features,):
+        raise ModelLoadError(f"{folder}: score.weight {tuple(weight.shape)} / score.bias {tuple(bias.shape)} do not "
+                             f"match the model's head ({head.out_features}, {head.in_features})")
+    dtype = getattr(head.weight, "ds_tensor", head.weight).dtype
+    biased = nn.Linear(head.in_features, head.out_features, bias=True, dtype=dtype)
+    with torch.no_grad():
+        biased.weight.copy_(weight.to(dtype))
+        biased.bias.copy_(bias.to(dtype))
+    model.score = biased
