@@ -91,6 +91,10 @@ class _Opaque:
         return _Opaque()
 
 
+class _StateDict(dict):
+    """Stands for ``OrderedDict``: a state dict pickles its ``_metadata`` attribute too, so it needs a __dict__."""
+
+
 class _StorageType:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -122,7 +126,7 @@ class _LazyUnpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _StateDict
         return _Opaque  # anything else (BytesIO blobs, codecs) becomes an inert placeholder
 
     def persistent_load(self, pid: Any) -> Any:
@@ -151,7 +155,10 @@ class _RankFile:
         if not pkl:
             raise NemoCheckpointError(f"{rel} has no data.pkl: not a torch.save checkpoint")
         prefix = pkl[0].rsplit("/", 1)[0]
-        state = _LazyUnpickler(self.zip.read(pkl[0]), prefix).load()
+        try:
+            state = _LazyUnpickler(self.zip.read(pkl[0]), prefix).load()
+        except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError, IndexError) as err:
+            raise NemoCheckpointError(f"{rel} cannot be read as a state dict ({type(err).__name__}: {err})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
