@@ -60,6 +60,23 @@ class ZarrReader(WeightReader):
         if len(meta.get("shape", ())) != len(meta.get("chunks", ())):
             raise NemoCheckpointError(f"{where}: shape and chunks have different ranks")
 
+    def _read_chunk(self, key: str, coords: tuple, chunks: list[int], dtype: torch.dtype, sep: str) -> torch.Tensor:
+        """One chunk, read straight into a tensor's memory. Shape: ``chunks``."""
+        name = sep.join(str(c) for c in coords)
+        rel = f"{self.root}/{key}/{name}"
+        if not self.source.exists(rel):
+            raise NemoCheckpointError(f"missing tensor data: zarr chunk {key}/{name} is not in the checkpoint "
+                                      "(an incomplete copy?)")
+        chunk = torch.empty(chunks, dtype=dtype)
+        buffer = memoryview(chunk.reshape(-1).view(torch.uint8).numpy())
+        with self.source.open(rel) as handle:
+            filled = handle.readinto(buffer)
+            extra = handle.read(1)
+        if filled != len(buffer) or extra:
+            raise NemoCheckpointError(f"zarr chunk {key}/{name} does not hold {len(buffer)} bytes (one raw "
+                                      f"{list(chunks)} chunk)")
+        return chunk
+
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
         meta = self.arrays[key]
         shape, chunks = list(meta["shape"]), list(meta["chunks"])
@@ -71,21 +88,19 @@ class ZarrReader(WeightReader):
             if not 0 <= index < shape[0]:
                 raise IndexError(f"{key}: layer {index} out of range {shape[0]}")
             region[0] = (index, index + 1)
-        out = torch.empty([hi - lo for lo, hi in region], dtype=dtype)
+        out_shape = [hi - lo for lo, hi in region]
         grids = [range(lo // c, math.ceil(hi / c)) if hi > lo else range(0) for (lo, hi), c in zip(region, chunks)]
         if not shape:  # a 0-d array is one chunk named "0"
             grids = [range(1)]
-        chunk_bytes = math.prod(chunks) * out.element_size()
-        for coords in itertools.product(*grids):
-            name = sep.join(str(c) for c in coords) if shape else "0"
-            rel = f"{self.root}/{key}/{name}"
-            if not self.source.exists(rel):
-                raise NemoCheckpointError(f"missing tensor data: zarr chunk {key}/{name} is not in the checkpoint "
-                                          "(an incomplete copy?)")
-            data = self.source.read_bytes(rel)
-            if len(data) != chunk_bytes:
-                raise NemoCheckpointError(f"zarr chunk {key}/{name} has {len(data)} bytes, expected {chunk_bytes}")
-            chunk = torch.frombuffer(bytearray(data), dtype=dtype).reshape(chunks)
+        coords_list = list(itertools.product(*grids))
+        whole = len(coords_list) == 1 and list(chunks) == out_shape and all(
+            c * size == lo for c, size, (lo, _) in zip(coords_list[0], chunks, region))
+        out = None if whole else torch.empty(out_shape, dtype=dtype)
+        for coords in coords_list:
+            chunk = self._read_chunk(key, coords if shape else (0,), chunks, dtype, sep)
+            if whole:  # the chunk is exactly the window (one layer, TP 1): no copy
+                out = chunk
+                break
             src, dst = [], []
             for c, size, (lo, hi) in zip(coords, chunks, region):
                 start, stop = max(c * size, lo), min((c + 1) * size, hi)
