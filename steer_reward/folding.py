@@ -12,7 +12,8 @@ Running statistics change during training, the length penalty needs the completi
 normalization / clipping are not linear: none of them fold, and folding refuses them.
 
 The constant ``c``: Llama-family heads and OpenRLHF's reward loader have a ``score`` head **without bias**, so
-``c`` cannot live in the weights. It is written to ``config.json`` as OpenRLHF's ``mean = −c``, ``std = 1``
+``c`` cannot live in the weights. A head that has a bias (a checkpoint converted from NeMo, whose ``score.bias``
+the loader restores) contributes ``w'ᵀ D b`` to ``c`` like any other. It is written to ``config.json`` as OpenRLHF's ``mean = −c``, ``std = 1``
 (OpenRLHF computes ``(r − mean) / std`` when reward normalization is on, giving back ``r + c`` exactly), and as
 ``steer_reward.reward_offset``. ``logits[:, 0]`` of the exported model is the reward minus ``c``. A constant
 shift changes no GRPO/RLOO group-relative advantage and no pairwise preference.

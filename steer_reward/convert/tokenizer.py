@@ -62,17 +62,21 @@ def _load_bundled(source: CheckpointSource, cfg: NemoModelConfig, workdir: Path)
         return str(path)
 
     try:
+        # The files under their standard names in one folder, loaded with from_pretrained: the same call on every
+        # Transformers version (the constructors' argument names changed in 5.x).
         if model is not None and library in ("sentencepiece", ""):
             from transformers import LlamaTokenizer
 
             # Llama-2-era SteerLM models bundle a SentencePiece model; NeMo reads it with legacy=True by default.
-            legacy = bool(section.get("sentencepiece_legacy", True))
-            return LlamaTokenizer(vocab_file=extract(model, "tokenizer.model"), legacy=legacy,
-                                  add_bos_token=False, add_eos_token=False)
+            extract(model, "tokenizer.model")
+            return LlamaTokenizer.from_pretrained(str(workdir), legacy=bool(section.get("sentencepiece_legacy", True)),
+                                                  add_bos_token=False, add_eos_token=False)
         if vocab is not None and merges is not None:
             from transformers import GPT2TokenizerFast
 
-            return GPT2TokenizerFast(vocab_file=extract(vocab, "vocab.json"), merges_file=extract(merges, "merges.txt"))
+            extract(vocab, "vocab.json")
+            extract(merges, "merges.txt")
+            return GPT2TokenizerFast.from_pretrained(str(workdir))
     except (ImportError, OSError, ValueError) as err:
         raise NemoCheckpointError(f"cannot build the bundled tokenizer ({library or 'unknown library'}, {model or vocab}): "
                                   f"{err}; pass a Hugging Face tokenizer folder with --tokenizer DIR") from None
