@@ -151,7 +151,8 @@ def measure(layers: int = 8, hidden: int = 1024, ffn: int = 4096, heads: int = 1
     return {"checkpoint_mb": round(checkpoint_bytes / 1e6, 1), "output_mb": round(output_bytes / 1e6, 1),
             "largest_tensor": report.largest_tensor[0], "largest_tensor_mb": round(largest / 1e6, 1),
             "baseline_rss_mb": round(child["baseline_rss"] / 1e6, 1), "peak_rss_mb": round(child["peak_rss"] / 1e6, 1),
-            "peak_increase_mb": round(increase / 1e6, 1), "peak_increase_over_largest_tensor": round(increase / largest, 2),
+            "peak_increase_mb": round(increase / 1e6, 1),
+            "peak_increase_over_largest_tensor": round(increase / largest, 2),
             "seconds": round(child["seconds"], 1)}
 
 

@@ -75,7 +75,8 @@ def test_tokenizer_bundled_as_nemo_artifacts(tmp_path, tokenizer_dir):
     assert result.tokenizer_source == "bundled in the checkpoint"
     converted = AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "What is the capital of France?"
-    assert converted(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = converted(text, add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     sequences, expected = megatron_reference(FIXTURES / "zarr_fp32")
     torch.testing.assert_close(steer_reward_outputs(tmp_path / "hf", sequences), expected, atol=1e-4, rtol=0)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == len(converted)

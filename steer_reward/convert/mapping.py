@@ -201,7 +201,7 @@ def plan_conversion(reader: WeightReader, cfg: NemoModelConfig, vocab_size: int 
             key, index, info = found
             suffix = "bias" if bias else "weight"
             tail = () if bias else (hidden,)
-            outputs = [(f"{prefix}.mlp.gate_proj.{suffix}", (ffn, *tail)), (f"{prefix}.mlp.up_proj.{suffix}", (ffn, *tail))]
+            outputs = [(f"{prefix}.mlp.{p}_proj.{suffix}", (ffn, *tail)) for p in ("gate", "up")]
             add(f"layer {layer} fc1 {suffix}", outputs, lambda k=key, i=index: list(read(k, i).chunk(2, dim=0)), info)
 
         simple(need(_INPUT_NORM, (hidden,)), "input_layernorm.weight")

@@ -71,7 +71,8 @@ class ShardedSafetensorsWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, nbytes in entries:
-            header[name] = {"dtype": _DTYPE_NAMES[self.dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": _DTYPE_NAMES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)

@@ -90,9 +90,6 @@ class FolderSource(CheckpointSource):
     def open(self, rel: str) -> BinaryIO:
         return open(self._path(rel), "rb")
 
-    def local_path(self, rel: str) -> Path:
-        return self._path(rel)
-
 
 class TarSource(CheckpointSource):
     """A packed ``.nemo`` (uncompressed tar), read in place."""
@@ -149,7 +146,8 @@ def _tar_source(path: Path) -> TarSource:
     try:
         tar = tarfile.open(path, mode="r:")
     except tarfile.TarError as err:
-        raise NemoCheckpointError(f"{path} is not a NeMo checkpoint: neither a folder nor a .nemo tar ({err})") from None
+        raise NemoCheckpointError(f"{path} is not a NeMo checkpoint: neither a folder nor a .nemo tar "
+                                  f"({err})") from None
     members: dict[str, tarfile.TarInfo] = {}
     for member in tar.getmembers():
         name = str(PurePosixPath(member.name))

@@ -31,8 +31,10 @@ STEERLM_CHAT_TEMPLATE = (
     "{%- set turns = messages -%}{%- endif -%}"
     "{{ '<extra_id_0>System\\n' + system + '\\n' }}"
     "{%- for message in turns -%}"
-    "{{ '<extra_id_1>' + ('Assistant' if message['role'] == 'assistant' else 'User') + '\\n' + message['content'] + '\\n' }}"
-    "{%- if loop.last and message['role'] == 'assistant' and not add_generation_prompt -%}{{ '<extra_id_2>' }}{%- endif -%}"
+    "{{ '<extra_id_1>' + ('Assistant' if message['role'] == 'assistant' else 'User') + '\\n' }}"
+    "{{ message['content'] + '\\n' }}"
+    "{%- if loop.last and message['role'] == 'assistant' and not add_generation_prompt -%}"
+    "{{ '<extra_id_2>' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<extra_id_1>Assistant\\n' }}{%- endif -%}"
 )
@@ -78,8 +80,9 @@ def _load_bundled(source: CheckpointSource, cfg: NemoModelConfig, workdir: Path)
             extract(merges, "merges.txt")
             return GPT2TokenizerFast.from_pretrained(str(workdir))
     except (ImportError, OSError, ValueError) as err:
-        raise NemoCheckpointError(f"cannot build the bundled tokenizer ({library or 'unknown library'}, {model or vocab}): "
-                                  f"{err}; pass a Hugging Face tokenizer folder with --tokenizer DIR") from None
+        raise NemoCheckpointError(f"cannot build the bundled tokenizer ({library or 'unknown library'}, "
+                                  f"{model or vocab}): {err}; pass a Hugging Face tokenizer folder with --tokenizer "
+                                  "DIR") from None
     return None
 
 
