@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -20,7 +21,7 @@ import yaml
 from steer_reward.config import ConfigError, ShapingConfig
 from steer_reward.schema import AttributeSchema
 
-__all__ = ["Moments", "RunningStats", "RewardShaper", "load_fixed_stats"]
+__all__ = ["Moments", "RunningStats", "RewardShaper", "StatsLock", "load_fixed_stats"]
 
 
 class Moments:
@@ -52,6 +53,27 @@ class Moments:
 
 MomentsSync = Callable[[Moments], Moments]
 """Turns this process's batch moments into the moments of the whole batch across ranks."""
+
+
+class StatsLock:
+    """A re-entrant lock that pickles as a fresh lock.
+
+    Shapers that share statistics (``with_weights`` clones) share one lock; pickled together they still share one
+    (pickle keeps object identity within one dump), so the copies in another process stay consistent too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> "StatsLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple:
+        return (StatsLock, ())
 
 
 class RunningStats:
@@ -138,7 +160,10 @@ class RewardShaper:
         self.schema = schema
         self.config = config or ShapingConfig()
         self.sync = sync
-        """Cross-rank merge of batch moments (set by the DeepSpeed backend)."""
+        """Cross-rank merge of batch moments (set by the DeepSpeed backend); a call's ``sync`` replaces it."""
+        self.lock = StatsLock()
+        """Held while statistics are read and updated: one shaper may serve several threads (a server's workers,
+        TRL's async reward loop), and an update is a read-modify-write of the moments."""
         self.weights = torch.tensor(schema.weight_vector(self.config.weights), dtype=torch.float64)
         self.lambdas = torch.zeros(schema.num_outputs, dtype=torch.float64)
         if self.config.decorrelate:
@@ -170,7 +195,7 @@ class RewardShaper:
         return self.config.update_running_stats and self.has_running_state
 
     def with_weights(self, weights: Mapping[str, float] | str) -> "RewardShaper":
-        """A shaper like this one under other weights, sharing this one's normalization state."""
+        """A shaper like this one under other weights, sharing this one's normalization state (and its lock)."""
         clone = RewardShaper.__new__(RewardShaper)
         clone.__dict__.update(self.__dict__)
         clone.weights = torch.tensor(self.schema.weight_vector(weights), dtype=torch.float64)
@@ -184,15 +209,20 @@ class RewardShaper:
             a = a - self.lambdas[None, :] * a[:, v : v + 1]
         return a
 
-    def normalized(self, a: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
-        """Step 2 on decorrelated attributes. Shape: ``(n, K)``."""
+    def normalized(self, a: torch.Tensor, update_stats: bool = False,
+                   sync: MomentsSync | None = None) -> torch.Tensor:
+        """Step 2 on decorrelated attributes. Shape: ``(n, K)``.
+
+        ``sync`` merges this batch's moments across ranks for this update (default: the shaper's ``sync``).
+        """
         mode = self.config.normalization
         if mode == "running":
-            if update_stats:
-                self.attribute_stats.update(a, self.sync)
-            if self.attribute_stats.count == 0:
-                return a
-            return (a - self.attribute_stats.mean) / self._denominator(self.attribute_stats.std)
+            with self.lock:  # the update and the statistics this batch is normalized with, as one step
+                if update_stats:
+                    self.attribute_stats.update(a, sync if sync is not None else self.sync)
+                if self.attribute_stats.count == 0:
+                    return a
+                return (a - self.attribute_stats.mean) / self._denominator(self.attribute_stats.std)
         if mode == "fixed":
             return (a - self.fixed_mean) / self._denominator(self.fixed_std)
         return a
@@ -209,33 +239,40 @@ class RewardShaper:
         return cfg.alpha * over / cfg.target_tokens
 
     def __call__(self, attributes: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None,
-                 update_stats: bool = False) -> torch.Tensor:
+                 update_stats: bool = False, sync: MomentsSync | None = None) -> torch.Tensor:
         """Rewards from attributes ``(n, K)`` and completion token lengths ``(n,)``. Shape: ``(n,)``, float32.
 
-        ``update_stats`` adds this batch to the running statistics before normalizing with them.
+        ``update_stats`` adds this batch to the running statistics before normalizing with them; ``sync`` merges
+        the batch's moments across ranks for this update (default: the shaper's ``sync``). Updates are atomic: a
+        shaper may be called from several threads.
         """
         if attributes.dim() != 2 or attributes.shape[1] != self.schema.num_outputs:
             raise ValueError(f"attributes must have shape (n, {self.schema.num_outputs}), got {tuple(attributes.shape)}")
-        a = self.normalized(self.decorrelated(attributes.cpu()), update_stats)
+        if self.needs_lengths and lengths is None:
+            raise ValueError("the length penalty needs completion token lengths")
+        sync = sync if sync is not None else self.sync
         live = list(self.schema.live)  # dead outputs never enter the sum, not even as 0 * nan
-        rewards = a[:, live] @ self.weights[live] + self.config.bias
-        if self.needs_lengths:
-            if lengths is None:
-                raise ValueError("the length penalty needs completion token lengths")
-            rewards = rewards - self.length_penalty(torch.as_tensor(lengths).cpu())
-        if self.config.reward_normalization == "running":
-            if update_stats:
-                self.reward_stats.update(rewards[:, None], self.sync)
-            if self.reward_stats.count > 0:
-                rewards = (rewards - self.reward_stats.mean[0]) / self._denominator(self.reward_stats.std)[0]
+        with self.lock:  # both statistics move together, and this batch is shaped with the state it produced
+            a = self.normalized(self.decorrelated(attributes.cpu()), update_stats, sync)
+            rewards = a[:, live] @ self.weights[live] + self.config.bias
+            if self.needs_lengths:
+                rewards = rewards - self.length_penalty(torch.as_tensor(lengths).cpu())
+            if self.config.reward_normalization == "running":
+                if update_stats:
+                    self.reward_stats.update(rewards[:, None], sync)
+                if self.reward_stats.count > 0:
+                    rewards = (rewards - self.reward_stats.mean[0]) / self._denominator(self.reward_stats.std)[0]
         if self.config.clip is not None:
             lo, hi = (float(c) for c in self.config.clip)
             rewards = rewards.clamp(lo, hi)
         return rewards.float()
 
     def state_dict(self) -> dict:
-        return {"attribute_stats": self.attribute_stats.state_dict(), "reward_stats": self.reward_stats.state_dict()}
+        with self.lock:
+            return {"attribute_stats": self.attribute_stats.state_dict(),
+                    "reward_stats": self.reward_stats.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.attribute_stats.load_state_dict(state["attribute_stats"])
-        self.reward_stats.load_state_dict(state["reward_stats"])
+        with self.lock:
+            self.attribute_stats.load_state_dict(state["attribute_stats"])
+            self.reward_stats.load_state_dict(state["reward_stats"])

@@ -132,3 +132,38 @@ def test_fit_decorrelation_removes_the_verbosity_correlation():
     assert spearman(helpfulness - lambdas["helpfulness"] * verbosity, verbosity) <= 0.03
     assert 0.3 < lambdas["helpfulness"] < 0.9
     assert lambdas["correctness"] == 0.0  # already uncorrelated
+
+
+def test_running_statistics_lose_no_update_under_threads():
+    """One shaper (and its with_weights clones, which share its statistics) called from several threads at once:
+    every update lands, and a pickled copy of the pair still shares one lock and one state."""
+    import pickle
+    import sys
+    import threading
+
+    s = shaper(normalization="running", reward_normalization="running")
+    pair = pickle.loads(pickle.dumps([s, s.with_weights("helpfulness")]))
+    faces = [s, s.with_weights("helpfulness"), *pair]
+    threads, calls = 4, 1000
+    row = A[:1]
+
+    def work(face):
+        for _ in range(calls):
+            face(row, LENGTHS[:1], update_stats=True)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a lost update shows within a few calls
+    try:
+        for group in (faces[:2], faces[2:]):
+            workers = [threading.Thread(target=work, args=(group[i % 2],)) for i in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for face in (s, pair[0]):
+        assert face.attribute_stats.count == threads * calls
+        assert face.reward_stats.count == threads * calls
+    torch.testing.assert_close(s.attribute_stats.mean, A[0].double())
+    assert pair[0].lock is pair[1].lock and pair[0].attribute_stats is pair[1].attribute_stats
