@@ -29,6 +29,8 @@ __all__ = [
     "gather_moments",
     "merge_in_rank_order",
     "RankMomentsSync",
+    "collective_device",
+    "data_parallel_sync",
 ]
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -189,3 +191,27 @@ class RankMomentsSync:
     def __call__(self, moments: Moments) -> Moments:
         self.calls += 1
         return merge_in_rank_order(gather_moments(moments, self.device, self.timeout_s))
+
+
+def collective_device() -> torch.device:
+    """Where the default process group's collectives take their tensors: the CPU under gloo (or a
+    ``cpu:gloo,cuda:nccl`` group), this rank's GPU under NCCL."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    return local_device()
+
+
+def data_parallel_sync(sync: RankMomentsSync | None = None) -> RankMomentsSync | None:
+    """``sync`` when given, else a ``RankMomentsSync`` over the default process group when this process is one of
+    several ranks, else None.
+
+    Resolved at each update rather than when a reward is built: a trainer initializes the group after the user
+    has built the reward. Only callers that every rank reaches together may use it (TRL calls each reward function
+    on every rank once per generation batch).
+    """
+    if sync is not None:
+        return sync
+    if not is_distributed() or world_size() < 2:
+        return None
+    return RankMomentsSync(collective_device())

@@ -12,7 +12,7 @@ from steer_reward.config import SteerRewardConfig, load_config
 from steer_reward.formatting import Completion, Prompt
 from steer_reward.schema import AttributeSchema
 from steer_reward.scoring import AttributeScores
-from steer_reward.shaping import RewardShaper
+from steer_reward.shaping import MomentsSync, RewardShaper
 
 __all__ = ["ScoredBatch", "SteerReward", "build_scorer"]
 
@@ -75,23 +75,25 @@ class SteerReward:
         return self.scorer.schema
 
     def rewards(self, attributes: AttributeScores, lengths: Sequence[int] | torch.Tensor | None = None,
-                update_stats: bool = False) -> torch.Tensor:
+                update_stats: bool = False, sync: MomentsSync | None = None) -> torch.Tensor:
         """Shaped rewards of already-scored attributes; runs no model. Shape: ``(n,)``.
 
         ``lengths`` replaces the reward model's completion token counts for the length penalty (e.g. the
-        policy's own token counts).
+        policy's own token counts). ``sync`` merges this update's batch moments across ranks (default: the
+        shaper's own, set by the DeepSpeed backend); it is a collective, so every rank must make the same call.
         """
         if lengths is None:
             lengths = attributes.completion_lengths
         elif len(lengths) != len(attributes):
             raise ValueError(f"got {len(lengths)} lengths for {len(attributes)} samples")
-        return self.shaper(attributes.values, torch.as_tensor(lengths), update_stats=update_stats)
+        return self.shaper(attributes.values, torch.as_tensor(lengths), update_stats=update_stats, sync=sync)
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
-              lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> ScoredBatch:
+              lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False,
+              sync: MomentsSync | None = None) -> ScoredBatch:
         """Attributes and rewards of each (prompt, completion), in input order."""
         attributes = self.scorer.score(prompts, completions)
-        return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats))
+        return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats, sync))
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
                  lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> list[float]:
@@ -103,7 +105,8 @@ class SteerReward:
         return hasattr(self.scorer, "ascore")
 
     async def ascore(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
-                     lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> ScoredBatch:
+                     lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False,
+                     sync: MomentsSync | None = None) -> ScoredBatch:
         """``score`` for async callers: awaits a remote scorer, or runs a local one in a worker thread."""
         if self.is_async:
             attributes = await self.scorer.ascore(prompts, completions)
@@ -111,7 +114,7 @@ class SteerReward:
             import asyncio
 
             attributes = await asyncio.to_thread(self.scorer.score, prompts, completions)
-        return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats))
+        return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats, sync))
 
     def for_trl(self, name: str | None = None, **options: Any) -> Any:
         """This reward as one TRL reward function (async when the scorer is remote); see
