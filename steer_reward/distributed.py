@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from datetime import timedelta
 from typing import Iterator, Sequence
 
@@ -141,28 +142,39 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu", timeout_s: fl
     return int(tensor.item())
 
 
-def _pack(moments: Moments) -> torch.Tensor:
-    """``[count, mean..., m2...]``. Shape: ``(1 + 2K,)``, float64."""
-    count = torch.tensor([moments.count], dtype=torch.float64)
-    return torch.cat([count, moments.mean.double().cpu(), moments.m2.double().cpu()])
+def _pack(moments: Moments, tag: float) -> torch.Tensor:
+    """``[tag, count, mean..., m2...]``. Shape: ``(2 + 2K,)``, float64."""
+    head = torch.tensor([tag, moments.count], dtype=torch.float64)
+    return torch.cat([head, moments.mean.double().cpu(), moments.m2.double().cpu()])
 
 
-def _unpack(packed: torch.Tensor) -> Moments:
-    size = (packed.numel() - 1) // 2
+def _unpack(packed: torch.Tensor) -> tuple[float, Moments]:
+    size = (packed.numel() - 2) // 2
     packed = packed.cpu()
-    return Moments(float(packed[0]), packed[1 : 1 + size].clone(), packed[1 + size :].clone())
+    return float(packed[0]), Moments(float(packed[1]), packed[2 : 2 + size].clone(), packed[2 + size :].clone())
 
 
-def gather_moments(moments: Moments, device: torch.device | str = "cpu",
-                   timeout_s: float | None = None) -> list[Moments]:
-    """Every rank's moments, in rank order (``[moments]`` in a single process)."""
+def gather_moments(moments: Moments, device: torch.device | str = "cpu", timeout_s: float | None = None,
+                   tag: str | None = None) -> list[Moments]:
+    """Every rank's moments, in rank order (``[moments]`` in a single process).
+
+    ``tag`` names what the moments are of; ranks that reach this collective for different things (their calls
+    out of order) raise a ``DistributedError`` instead of merging one thing's statistics into another's.
+    """
     if not is_distributed():
         return [moments]
-    local = _pack(moments).to(device)
+    local = _pack(moments, float(zlib.crc32(tag.encode())) if tag else 0.0).to(device)
     parts = [torch.empty_like(local) for _ in range(world_size())]
     with collective("gathering running statistics (all-gather)", timeout_s):
         torch.distributed.all_gather(parts, local)
-    return [_unpack(p) for p in parts]
+    unpacked = [_unpack(p) for p in parts]
+    if len({t for t, _ in unpacked}) > 1:
+        raise DistributedError(
+            f"rank {rank()}: the ranks merged the running statistics of different things at once ({tag or 'untagged'} "
+            "here): statistic updates ran in different orders on different ranks; call reward functions in the "
+            "same order on every rank"
+        )
+    return [m for _, m in unpacked]
 
 
 def merge_in_rank_order(parts: Sequence[Moments]) -> Moments:
@@ -183,14 +195,17 @@ class RankMomentsSync:
     faces do on every rank with the same ``update_stats``.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", timeout_s: float | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", timeout_s: float | None = None,
+                 tag: str | None = None) -> None:
         self.device = device
         self.timeout_s = timeout_s
+        self.tag = tag
+        """What the merged moments are of (a reward function's name): ranks merging different things fail loudly."""
         self.calls = 0
 
     def __call__(self, moments: Moments) -> Moments:
         self.calls += 1
-        return merge_in_rank_order(gather_moments(moments, self.device, self.timeout_s))
+        return merge_in_rank_order(gather_moments(moments, self.device, self.timeout_s, self.tag))
 
 
 def collective_device() -> torch.device:
@@ -202,9 +217,9 @@ def collective_device() -> torch.device:
     return local_device()
 
 
-def data_parallel_sync(sync: RankMomentsSync | None = None) -> RankMomentsSync | None:
-    """``sync`` when given, else a ``RankMomentsSync`` over the default process group when this process is one of
-    several ranks, else None.
+def data_parallel_sync(sync: RankMomentsSync | None = None, tag: str | None = None) -> RankMomentsSync | None:
+    """``sync`` when given, else a ``RankMomentsSync`` (tagged ``tag``) over the default process group when this
+    process is one of several ranks, else None.
 
     Resolved at each update rather than when a reward is built: a trainer initializes the group after the user
     has built the reward. Only callers that every rank reaches together may use it (TRL calls each reward function
@@ -214,4 +229,4 @@ def data_parallel_sync(sync: RankMomentsSync | None = None) -> RankMomentsSync |
         return sync
     if not is_distributed() or world_size() < 2:
         return None
-    return RankMomentsSync(collective_device())
+    return RankMomentsSync(collective_device(), tag=tag)

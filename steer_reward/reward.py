@@ -104,16 +104,20 @@ class SteerReward:
         """True when the scorer is remote (has ``ascore``): faces should then be async."""
         return hasattr(self.scorer, "ascore")
 
+    async def ascore_attributes(self, prompts: Sequence[Prompt], completions: Sequence[Completion]) -> AttributeScores:
+        """The attributes of each (prompt, completion) for async callers: awaits a remote scorer, or runs a local
+        one in a worker thread."""
+        if self.is_async:
+            return await self.scorer.ascore(prompts, completions)
+        import asyncio
+
+        return await asyncio.to_thread(self.scorer.score, prompts, completions)
+
     async def ascore(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
                      lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False,
                      sync: MomentsSync | None = None) -> ScoredBatch:
-        """``score`` for async callers: awaits a remote scorer, or runs a local one in a worker thread."""
-        if self.is_async:
-            attributes = await self.scorer.ascore(prompts, completions)
-        else:
-            import asyncio
-
-            attributes = await asyncio.to_thread(self.scorer.score, prompts, completions)
+        """``score`` for async callers (see ``ascore_attributes``)."""
+        attributes = await self.ascore_attributes(prompts, completions)
         return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats, sync))
 
     def for_trl(self, name: str | None = None, **options: Any) -> Any:

@@ -72,12 +72,12 @@ def test_names_are_unique(make_reward):
 
 def test_length_penalty_uses_policy_tokens_when_given(make_reward):
     reward = make_reward({"weights": "helpfulness", "length_penalty": {"alpha": 1.0, "target_tokens": 2}})
-    pad = 0
-    assert policy_lengths(IDS, pad) == [3, 8, 1, 6]
-    func = reward.for_trl(policy_pad_token_id=pad)
+    eos = 0  # the last row is padded after its EOS, as OnlineDPO passes rows
+    assert policy_lengths(IDS, eos_token_ids=[eos]) == [3, 8, 1, 7]
+    func = reward.for_trl(policy_eos_token_id=eos, policy_pad_token_id=eos)
     attributes = reward.score(PROMPTS, COMPLETIONS).attributes
     base = attributes.column("helpfulness")
-    penalty = torch.tensor([1 / 2, 6 / 2, 0.0, 4 / 2])
+    penalty = torch.tensor([1 / 2, 6 / 2, 0.0, 5 / 2])
     assert trl_call(func) == pytest.approx((base - penalty).tolist(), abs=1e-5)
     # Without completion_ids the reward model's own completion token counts are used.
     rm_penalty = (attributes.completion_lengths - 2).clamp(min=0) / 2
@@ -101,7 +101,7 @@ def test_pickle_round_trip_gives_equal_rewards(make_reward):
 
 def test_attribute_funcs_share_one_forward_and_sum_to_reward(make_reward):
     reward = make_reward({"weights": "steerlm-70b", "length_penalty": {"alpha": 0.5, "target_tokens": 4}})
-    funcs, weights = reward.trl_attribute_funcs(policy_pad_token_id=0)
+    funcs, weights = reward.trl_attribute_funcs(policy_pad_token_id=0, policy_eos_token_id=0)
     assert [f.__name__ for f in funcs][:5] == list(reward.schema.live_names) or all(
         f.__name__.startswith(n) for f, n in zip(funcs, reward.schema.live_names))
     assert weights == pytest.approx([0.65, 0.8, 0.45, 0.55, -0.4, 1.0])
@@ -115,7 +115,7 @@ def test_attribute_funcs_share_one_forward_and_sum_to_reward(make_reward):
         trl_call(f, prompts=list(PROMPTS), completions=list(COMPLETIONS))
     assert backend.forward_calls - before == 2 * one_batch
     combined = torch.tensor(per_func).T @ torch.tensor(weights)
-    expected = reward(PROMPTS, COMPLETIONS, lengths=policy_lengths(IDS, 0))
+    expected = reward(PROMPTS, COMPLETIONS, lengths=policy_lengths(IDS, eos_token_ids=[0]))
     assert combined.tolist() == pytest.approx(expected, abs=1e-5)
 
 
