@@ -313,7 +313,8 @@ class _TrlFace(_LazyReward):
         return str(getattr(self, "__name__", type(self).__name__))
 
     def _spawn_problem(self) -> str | None:
-        return _STATS_IN_ASYNC_GRPO if self.update_stats else None
+        running = self._reward is None or self._reward.shaper.has_running_state  # None: already a pickled copy
+        return _STATS_IN_ASYNC_GRPO if self.update_stats and running else None
 
     def __getstate__(self) -> dict:
         # AsyncGRPO pickles its reward functions into a spawned rollout process: refuse there what cannot be right.
