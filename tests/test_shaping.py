@@ -144,7 +144,7 @@ def test_running_statistics_lose_no_update_under_threads():
     s = shaper(normalization="running", reward_normalization="running")
     pair = pickle.loads(pickle.dumps([s, s.with_weights("helpfulness")]))
     faces = [s, s.with_weights("helpfulness"), *pair]
-    threads, calls = 4, 1000
+    threads, calls = 4, 500
     row = A[:1]
 
     def work(face):
