@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -20,6 +21,8 @@ import yaml
 
 from steer_reward.config import ConfigError, ShapingConfig
 from steer_reward.schema import AttributeSchema
+
+logger = logging.getLogger("steer_reward.shaping")
 
 __all__ = ["Moments", "RunningStats", "RewardShaper", "StatsLock", "load_fixed_stats"]
 
@@ -146,6 +149,17 @@ def load_fixed_stats(path: str | Path, schema: AttributeSchema) -> tuple[torch.T
     return mean, std
 
 
+def _finite_rows(x: torch.Tensor, columns: Sequence[int], what: str) -> torch.Tensor:
+    """The rows of ``x`` whose ``columns`` are all finite. One NaN or inf sample (a broken forward, an overflow)
+    would otherwise poison the running statistics, and with them every later reward."""
+    keep = torch.isfinite(x[:, list(columns)]).all(1)
+    dropped = int((~keep).sum())
+    if dropped:
+        logger.warning("%d sample(s) with non-finite %s left out of the running statistics", dropped, what)
+        return x[keep]
+    return x
+
+
 class RewardShaper:
     """Turns attribute scores into scalar rewards; holds the running normalization state.
 
@@ -219,7 +233,8 @@ class RewardShaper:
         if mode == "running":
             with self.lock:  # the update and the statistics this batch is normalized with, as one step
                 if update_stats:
-                    self.attribute_stats.update(a, sync if sync is not None else self.sync)
+                    self.attribute_stats.update(_finite_rows(a, self.schema.live, "attributes"),
+                                                sync if sync is not None else self.sync)
                 if self.attribute_stats.count == 0:
                     return a
                 return (a - self.attribute_stats.mean) / self._denominator(self.attribute_stats.std)
@@ -259,7 +274,7 @@ class RewardShaper:
                 rewards = rewards - self.length_penalty(torch.as_tensor(lengths).cpu())
             if self.config.reward_normalization == "running":
                 if update_stats:
-                    self.reward_stats.update(rewards[:, None], sync)
+                    self.reward_stats.update(_finite_rows(rewards[:, None], (0,), "rewards"), sync)
                 if self.reward_stats.count > 0:
                     rewards = (rewards - self.reward_stats.mean[0]) / self._denominator(self.reward_stats.std)[0]
         if self.config.clip is not None:

@@ -72,6 +72,19 @@ def test_running_normalization_updates_only_when_asked():
     assert s.attribute_stats.count == 2
 
 
+def test_a_non_finite_sample_never_enters_the_running_statistics():
+    # One broken sample (NaN from a bad forward, inf from an overflow) must not poison every later reward.
+    s = shaper(weights={"helpfulness": 1.0}, normalization="running", reward_normalization="running", eps=0.0)
+    broken = torch.cat([A, torch.tensor([[9.0, 9.0, 9.0, 9.0, float("nan"), 1.0, 1.0, 1.0, 1.0],
+                                         [9.0, 9.0, 9.0, 9.0, 2.0, float("inf"), 1.0, 1.0, 1.0]])])
+    out = s(broken, torch.tensor([1, 1, 1, 1]), update_stats=True)
+    assert s.attribute_stats.count == 2 and s.reward_stats.count == 2
+    assert torch.isfinite(out[:2]).all() and torch.isnan(out[2])
+    assert torch.isfinite(s.attribute_stats.mean).all() and torch.isfinite(s.reward_stats.mean).all()
+    later = s(A, LENGTHS)
+    assert torch.isfinite(later).all()
+
+
 def test_reward_normalization_and_clipping():
     s = shaper(weights={"helpfulness": 1.0}, reward_normalization="running", eps=0.0, clip=[-0.5, 0.5])
     torch.testing.assert_close(s(A, LENGTHS, update_stats=True), torch.tensor([0.5, -0.5]))
