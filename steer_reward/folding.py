@@ -13,10 +13,12 @@ normalization / clipping are not linear: none of them fold, and folding refuses 
 
 The constant ``c``: Llama-family heads and OpenRLHF's reward loader have a ``score`` head **without bias**, so
 ``c`` cannot live in the weights. A head that has a bias (a checkpoint converted from NeMo, whose ``score.bias``
-the loader restores) contributes ``w'ᵀ D b`` to ``c`` like any other. It is written to ``config.json`` as OpenRLHF's ``mean = −c``, ``std = 1``
-(OpenRLHF computes ``(r − mean) / std`` when reward normalization is on, giving back ``r + c`` exactly), and as
-``steer_reward.reward_offset``. ``logits[:, 0]`` of the exported model is the reward minus ``c``. A constant
-shift changes no GRPO/RLOO group-relative advantage and no pairwise preference.
+the loader restores) contributes ``w'ᵀ D b`` to ``c`` like any other. It is written to ``config.json`` as
+``steer_reward.reward_offset`` and as OpenRLHF's ``mean = −c``, ``std = 1``. OpenRLHF computes ``(r − mean) / std``
+when its reward normalization is on, but under transformers 5.x it reads those values into buffers that are only
+set when ZeRO-3 initializes the model; otherwise they hold uninitialized memory (rewards up to ~1e38 measured).
+So OpenRLHF's normalization stays off, and ``logits[:, 0]`` of the exported model is the reward minus ``c``: a
+constant shift that changes no GRPO/RLOO group-relative advantage and no pairwise preference.
 """
 
 from __future__ import annotations
