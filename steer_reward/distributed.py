@@ -32,6 +32,7 @@ __all__ = [
     "RankMomentsSync",
     "collective_device",
     "data_parallel_sync",
+    "broadcast_from_rank0",
 ]
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -230,3 +231,13 @@ def data_parallel_sync(sync: RankMomentsSync | None = None, tag: str | None = No
     if not is_distributed() or world_size() < 2:
         return None
     return RankMomentsSync(collective_device(), tag=tag)
+
+
+def broadcast_from_rank0(value: object) -> object:
+    """Rank 0's ``value`` on every rank (``value`` itself in a single process); a collective."""
+    if not is_distributed() or world_size() < 2:
+        return value
+    payload = [value if rank() == 0 else None]
+    with collective("receiving rank 0's state (broadcast)"):
+        torch.distributed.broadcast_object_list(payload, src=0, device=collective_device())
+    return payload[0]

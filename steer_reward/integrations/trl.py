@@ -594,8 +594,8 @@ class ShaperStateCallback(TrainerCallback):
 
     Pass it as ``callbacks=[ShaperStateCallback(reward)]``: a ``SteerReward`` or any of this module's functions
     built from it. The TRL functions merge running statistics across ranks under data parallel (and the DeepSpeed
-    backend always does), so rank 0 writes and every rank reads. ``resume_from`` names a checkpoint folder or state
-    file explicitly (e.g. a checkpoint outside ``output_dir``).
+    backend always does), so rank 0 writes; on resume rank 0 reads and sends its state to every rank.
+    ``resume_from`` names a checkpoint folder or state file explicitly (e.g. a checkpoint outside ``output_dir``).
 
     Generation boundaries: GRPO/RLOO score one generation batch for ``steps_per_generation × num_iterations``
     training micro-steps, and a run resumed from a checkpoint inside that cycle generates and scores the batch
@@ -644,17 +644,32 @@ class ShaperStateCallback(TrainerCallback):
             self._cycle_start_state = self.shaper.state_dict()  # the first step generates (TRL's step counter is 0)
 
     def _restore(self, args: Any, state: Any) -> None:
+        from steer_reward.distributed import broadcast_from_rank0, rank
+
+        # Rank 0 reads and every rank loads what rank 0 read: a rank that cannot see the checkpoint (a node-local
+        # disk) must not start from its own fresh statistics while the others resume, and an error must reach
+        # every rank rather than leave the others waiting in the next collective.
+        found = self._read_state(args, state) if rank() == 0 else None
+        found = broadcast_from_rank0(found)
+        if found is None:
+            return
+        if "error" in found:
+            raise FileNotFoundError(found["error"])
+        self.shaper.load_state_dict(found["state"])
+        self.restored_from = Path(found["path"])
+
+    def _read_state(self, args: Any, state: Any) -> dict | None:
+        """``{"state", "path"}`` of the checkpoint to resume from, ``{"error"}``, or None when not resuming."""
         # Trainer has already loaded trainer_state.json when resuming, so global_step names the checkpoint.
         if self.resume_from is not None:
             path = Path(self.resume_from)
             path = path / STATE_FILE if path.is_dir() else path
             if not path.is_file():
-                raise FileNotFoundError(f"no steer-reward shaper state at {path}")
+                return {"error": f"no steer-reward shaper state at {path}"}
         elif state.global_step > 0:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
             if not path.is_file():
-                return
+                return None
         else:
-            return
-        self.shaper.load_state_dict(json.loads(path.read_text()))
-        self.restored_from = path
+            return None
+        return {"state": json.loads(path.read_text()), "path": str(path)}
