@@ -71,6 +71,11 @@ class ModelConfig:
     """Allow loading pickle (.bin) weights; safetensors only by default."""
     adapter: str | None = None
     """Folder of a PEFT/LoRA adapter merged into the model at load."""
+    device_map: Any = None
+    """Spread the model over several devices (Hugging Face/Accelerate ``device_map``): ``auto``, ``balanced``,
+    ``sequential`` or {module name: device}, so a model larger than one GPU can be served without vLLM (layers run
+    one device after another; no tensor parallelism). Replaces ``device``; needs ``accelerate``; not with
+    ``backend: deepspeed`` (ZeRO-3 shards the model itself)."""
 
 
 @dataclass
@@ -201,6 +206,34 @@ class ServerConfig:
     within [1e-6, 1 − 1e-6], so the default range keeps every group (to filter, give the range on this scale: it
     is compared with the mean of a group's scores); ``reward``: the reward itself (then give the range in reward
     units: with the default range, every group whose mean reward is outside (0, 1) is dropped)."""
+    replicas: int = 0
+    """Scoring replicas behind this one URL, on Ray Serve (``pip install 'steer-reward[ray]'``); 0 serves one
+    in-process model without Ray. OpenRLHF sends empty lists to every ``--reward.remote_url`` but the first, so
+    scale sits behind one URL."""
+    min_replicas: int | None = None
+    """With ``max_replicas``: Ray Serve autoscales the replicas between the two (starting at ``replicas``) by the
+    requests each holds."""
+    max_replicas: int | None = None
+    """Upper autoscaling limit; see ``min_replicas``."""
+    replica_gpus: float = 0.0
+    """GPUs each replica holds; with more than one, set ``model.device_map: auto`` to spread the model over them."""
+    replica_cpus: float = 1.0
+    """CPUs each replica holds (on CPU-only machines also its torch threads)."""
+    replica_max_ongoing: int = 256
+    """Requests one replica holds at once (Ray Serve's max_ongoing_requests). A prompt whose replica is this full
+    goes to the least-loaded other replica."""
+    affinity: bool = True
+    """Route the samples of one prompt to the same replica, so its prompt cache hits (rendezvous hashing of the
+    prompt; least-loaded when that replica is full or gone). False: least-loaded routing only."""
+    gateway_replicas: int = 1
+    """Gateway replicas that read the prompt of each request and route it (light: no model)."""
+    replica_retries: int = 3
+    """Tries of a request whose replica died while holding it (Ray Serve replaces the replica)."""
+    replica_timeout_s: float = 170.0
+    """Longest a gateway waits for a replica's reply, retries included, before answering 503 (under OpenRLHF's
+    180 s client timeout, so OpenRLHF retries instead of dropping the reward)."""
+    ray_address: str | None = None
+    """Ray cluster to join (``auto``, or ``ray://HOST:10001``); None starts a local Ray instance."""
 
 
 @dataclass

@@ -125,6 +125,8 @@ class PrefixSharedForward:
         self.forward_calls = 0
         self.cache_tokens = int(cache_tokens)
         self.cache_hits = 0
+        self.prefills = 0
+        """Prompt prefills run (a prompt-cache hit runs none)."""
         self._cache: OrderedDict[tuple[int, ...], tuple[torch.Tensor, list]] = OrderedDict()
         self._cached_tokens = 0
 
@@ -166,6 +168,7 @@ class PrefixSharedForward:
 
         input_ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         self.forward_calls += 1
+        self.prefills += 1
         # No mask: a lone unpadded sequence takes SDPA's is_causal kernel.
         output = self.head.backbone(input_ids=input_ids, use_cache=True,
                                     **{self.cache_kwarg: DynamicCache(config=self.head.backbone.config)})

@@ -36,6 +36,8 @@ class LocalBackend:
     """Scores encoded samples with an in-process model.
 
     ``forward_calls`` counts model forwards (all strategies), so callers and tests can check work is not repeated.
+    ``prompt_prefills`` counts prompts run through the model: one per prefill of a shared prompt (a prompt-cache hit
+    runs none), one per sample whose prompt rides along in a padded or packed row.
     ``strategy`` is the strategy actually in use after any fallback.
     """
 
@@ -46,6 +48,7 @@ class LocalBackend:
         self.head = find_head(model)
         self.num_outputs = int(model.config.num_labels)
         self.forward_calls = 0
+        self.prompt_prefills = 0
         # Async faces run scoring in worker threads; the model and the prompt cache take one call at a time.
         self._lock = threading.Lock()
         self.strategy = self._resolve_strategy(self.batching.strategy)
@@ -129,21 +132,24 @@ class LocalBackend:
         return forward_microbatch(self.model, sequences, self.pad_id, self.head)
 
     def _padded(self, samples: Sequence[EncodedSample], indices: Sequence[int], out: torch.Tensor) -> None:
+        self.prompt_prefills += sum(1 for i in indices if samples[i].prompt_ids)
         for batch in self._padded_plan(samples, indices):
             out[batch] = self.run_microbatch([samples[i].input_ids for i in batch]).cpu()
 
     def _shared(self, samples: Sequence[EncodedSample], out: torch.Tensor) -> None:
         shared, unshared = self._shared_groups(samples)
         for group in shared:
-            before = self._prefix.forward_calls
+            before, prefills = self._prefix.forward_calls, self._prefix.prefills
             out[group.members] = self._prefix.score_group(
                 group.prompt_ids, [samples[i].completion_ids for i in group.members], self.pad_id).cpu()
             self.forward_calls += self._prefix.forward_calls - before
+            self.prompt_prefills += self._prefix.prefills - prefills
         if unshared:
             self._padded(samples, unshared, out)
 
     def _pack(self, samples: Sequence[EncodedSample], out: torch.Tensor) -> None:
         before = self._packed.forward_calls
+        self.prompt_prefills += sum(1 for s in samples if s.prompt_ids)
         out[:] = self._packed.score([s.input_ids for s in samples], self.pad_id).cpu()
         self.forward_calls += self._packed.forward_calls - before
 

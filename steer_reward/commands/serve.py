@@ -30,7 +30,21 @@ def register(subparsers: Any) -> None:
                         help="server.actor_tokenizer: the OpenRLHF actor's tokenizer folder; its chat template "
                              "decides how /get_reward queries are read")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    scale = parser.add_argument_group("scale-out (Ray Serve; pip install 'steer-reward[ray]')")
+    scale.add_argument("--replicas", type=int, help="server.replicas: scoring replicas behind this one URL, routed "
+                                                    "by prompt affinity (default 0: one in-process model, no Ray)")
+    scale.add_argument("--min-replicas", type=int, help="server.min_replicas: autoscaling lower limit")
+    scale.add_argument("--max-replicas", type=int, help="server.max_replicas: autoscaling upper limit")
+    scale.add_argument("--replica-gpus", type=float, help="server.replica_gpus: GPUs per replica")
+    scale.add_argument("--ray-address", help="server.ray_address: Ray cluster to join (default: start a local one)")
     parser.set_defaults(func=run)
+
+
+def _replicas_asked(args: argparse.Namespace) -> bool:
+    from steer_reward.config import load_config, parse_override
+
+    config = load_config(args.config, dict(parse_override(o) for o in args.overrides))
+    return bool(config.server.replicas)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +52,19 @@ def run(args: argparse.Namespace) -> int:
     from steer_reward.server.app import create_app
 
     for flag, key in (("host", "server.host"), ("port", "server.port"), ("max_wait_ms", "server.max_wait_ms"),
-                      ("max_batch_tokens", "server.max_batch_tokens"), ("actor_tokenizer", "server.actor_tokenizer")):
+                      ("max_batch_tokens", "server.max_batch_tokens"), ("actor_tokenizer", "server.actor_tokenizer"),
+                      ("replicas", "server.replicas"), ("min_replicas", "server.min_replicas"),
+                      ("max_replicas", "server.max_replicas"), ("replica_gpus", "server.replica_gpus"),
+                      ("ray_address", "server.ray_address")):
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"{key}={value}")
     if args.model is None and args.config is None:
         raise InputError("give --model (a reward model folder, or 'demo') or --config with model.path")
+    if _replicas_asked(args):
+        from steer_reward.commands.serve_ray import run_ray
+
+        return run_ray(args)
     reward = reward_from_args(args)
     if reward.is_async:
         raise InputError("the server needs an in-process model: backend 'remote' would forward to another server")

@@ -58,6 +58,8 @@ class RewardService:
         # OpenRLHF sends one sample per request: length correlations are taken over the last samples served.
         self.length_window = LengthCorrelationWindow(reward.schema.live_names, SERVER_WINDOW)
         self.metrics.watch_length(self.length_window)
+        if hasattr(backend, "prompt_prefills"):
+            self.metrics.count_prompt_prefills(lambda: backend.prompt_prefills)
         self.batcher = DynamicBatcher(self.scorer.score_encoded, max_wait_ms=self.config.max_wait_ms,
                                       max_batch_tokens=self.config.max_batch_tokens, max_queue=self.config.max_queue,
                                       on_batch=self.metrics.observe_batch)

@@ -17,6 +17,18 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 32768, 65536, 131072)
 
 
+class _CounterReading:
+    """A counter kept by another object (the backend), read when scraped."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily(self.name, self.documentation, value=float(self.read()))
+
+
 class ServerMetrics:
     """Counters and histograms exposed at ``GET /metrics`` (Prometheus text format)."""
 
@@ -52,6 +64,13 @@ class ServerMetrics:
             "steer_reward_reward_failures", "/get_reward samples answered with server.fallback_reward, by reason "
             "(query: unparseable; format: could not be formatted or encoded; non_finite: NaN/inf reward)",
             ["reason"], registry=self.registry)
+
+    def count_prompt_prefills(self, read: Callable[[], float]) -> None:
+        """Expose ``read()``, the backend's running count of prompts run through the model, as
+        ``steer_reward_prompt_prefills_total``: with prefix sharing and the prompt cache, the samples of one prompt
+        cost one prefill, which is what prompt-affinity routing across replicas is measured by."""
+        self.registry.register(_CounterReading("steer_reward_prompt_prefills",
+                                               "Prompts run through the model (prompt-cache hits run none)", read))
 
     def observe_batch(self, stats) -> None:
         """Record one model batch (a ``BatchStats``); called on the worker thread."""
