@@ -27,6 +27,7 @@ __all__ = [
     "ShapingConfig",
     "DeepSpeedConfig",
     "RemoteConfig",
+    "VllmConfig",
     "ServerConfig",
     "SteerRewardConfig",
     "load_config",
@@ -34,7 +35,7 @@ __all__ = [
     "parse_override",
 ]
 
-BACKENDS = ("local", "deepspeed", "remote")
+BACKENDS = ("local", "deepspeed", "remote", "vllm")
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,18 @@ class RemoteConfig:
 
 
 @dataclass
+class VllmConfig:
+    tensor_parallel_size: int = 1
+    """GPUs one vLLM engine spreads the model over (tensor parallelism; the head is replicated)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of each GPU's memory vLLM may take (weights plus KV cache)."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs (faster start, slower steps)."""
+    engine_args: dict = field(default_factory=dict)
+    """Further ``vllm.LLM`` keyword arguments, e.g. {max_num_seqs: 256, enable_prefix_caching: true}."""
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     """Address to bind; loopback unless opened on purpose."""
@@ -241,7 +254,7 @@ class SteerRewardConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The reward model and how text is formatted for it."""
     backend: str = "local"
-    """Where the model runs: local, deepspeed (ZeRO-3, colocated) or remote (HTTP)."""
+    """Where the model runs: local, deepspeed (ZeRO-3, colocated), remote (HTTP) or vllm (vLLM's pooling runner)."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Micro-batch planning."""
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
@@ -250,6 +263,8 @@ class SteerRewardConfig:
     """Options of backend: deepspeed."""
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     """Options of backend: remote."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """Options of backend: vllm."""
     server: ServerConfig = field(default_factory=ServerConfig)
     """Options of ``steer-reward serve``."""
 

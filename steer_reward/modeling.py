@@ -109,21 +109,39 @@ def load_reward_model(config: ModelConfig) -> tuple[torch.nn.Module, Any, Path]:
             "steer-reward needs a *ForSequenceClassification checkpoint whose head gives one output per attribute"
         )
     _check_weights(folder, config.allow_pickle)
-    device = resolve_device(config.device)
+    device_map = _device_map(config.device_map)
+    device = resolve_device(config.device) if device_map is None else None
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(folder),
             dtype=resolve_dtype(config.dtype),
             trust_remote_code=config.trust_remote_code,
             use_safetensors=None if config.allow_pickle else True,
+            **({} if device_map is None else {"device_map": device_map}),
         )
     except ValueError as err:
         raise ModelLoadError(f"cannot load {folder}: {err}") from None
     restore_score_bias(model, folder)
     if config.adapter:
         model = _merge_adapter(model, config.adapter)
-    model.to(device).eval()
+    if device is not None:  # a device_map has placed every module already (Accelerate moves the activations)
+        model.to(device)
+    model.eval()
     return model, load_tokenizer(folder, config.trust_remote_code), folder
+
+
+def _device_map(value: Any) -> Any:
+    """``model.device_map`` checked for ``from_pretrained``: None, a strategy or device name, or {module: device}."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, dict)) or not value:
+        raise ModelLoadError(f"model.device_map must be auto, balanced, sequential, a device or {{module: device}}, "
+                             f"got {value!r}")
+    try:
+        import accelerate  # noqa: F401 - Transformers places a device_map with Accelerate
+    except ImportError:
+        raise ModelLoadError("model.device_map needs accelerate: pip install accelerate") from None
+    return value
 
 
 def _merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:

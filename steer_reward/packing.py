@@ -99,7 +99,7 @@ class PackedForward:
         self.forward_calls += 1
         hidden = self.head.backbone(input_ids=input_ids.to(device), attention_mask=additive_mask(mask.to(device), weight.dtype),
                                     position_ids=positions.to(device)).last_hidden_state
-        return [hidden[r, e.to(device)] for r, e in enumerate(ends)]
+        return [hidden[r, e.to(hidden.device)] for r, e in enumerate(ends)]  # device_map: last layer elsewhere
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:

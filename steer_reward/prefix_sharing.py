@@ -196,8 +196,9 @@ class PrefixSharedForward:
         self.forward_calls += 1
         hidden = self.head.backbone(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions,
                                     use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state
-        last = torch.as_tensor([len(c) - 1 for c in completions], device=device)
-        return hidden[torch.arange(rows, device=device), last]
+        # Under a device_map the last layer may sit on another device than the inputs.
+        last = torch.as_tensor([len(c) - 1 for c in completions], device=hidden.device)
+        return hidden[torch.arange(rows, device=hidden.device), last]
 
     def completion_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Completion forwards after the prefill, as indices into the group's completions (empty ones need none)."""

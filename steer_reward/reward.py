@@ -35,6 +35,10 @@ def build_scorer(config: SteerRewardConfig) -> Any:
         from steer_reward.backends.deepspeed import build_deepspeed_scorer
 
         return build_deepspeed_scorer(config)
+    if config.backend == "vllm":
+        from steer_reward.backends.vllm import build_vllm_scorer
+
+        return build_vllm_scorer(config)
     if config.backend == "remote":
         from steer_reward.backends.remote import RemoteAttributeScorer
 

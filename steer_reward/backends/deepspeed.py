@@ -348,6 +348,9 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
     if config.model.adapter:
         raise ConfigError("model.adapter cannot be merged into a ZeRO-3 sharded model; merge the adapter once with "
                           "backend: local and save the merged checkpoint, then point model.path at it")
+    if config.model.device_map is not None:
+        raise ConfigError("model.device_map spreads one model over devices itself; backend 'deepspeed' shards it with "
+                          "ZeRO-3 instead: remove model.device_map (or use backend: local)")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise assumes CUDA
     deepspeed = require_extra("deepspeed", "deepspeed")

@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     parser.add_argument("--completion-tokens", default=None, metavar="LO-HI",
                         help="completion lengths (default: 32-512; openrlhf-client: one number)")
     parser.add_argument("--in-flight", type=int, default=None, help="openrlhf-client: concurrent requests")
+    parser.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                        help="openrlhf-client: the plain server against Ray Serve with 1 replica and with N "
+                             "replicas (prompt affinity on and off), all up at once, measured in turns; needs "
+                             "steer-reward[ray]")
     parser.add_argument("--trl-batch", type=int, default=16,
                         help="per-device batch of TRL's path: samples per right-padded forward (default: 16)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; each path keeps its fastest")
@@ -94,6 +98,11 @@ def _table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workload == "openrlhf-client" and args.ray_replicas is not None:
+        from steer_reward.server.ray_bench import run_ray_client_bench
+
+        run_ray_client_bench(args)  # prints its own report
+        return 0
     if args.workload == "openrlhf-client":
         from steer_reward.server.bench import run_openrlhf_client_bench
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_openrlhf_client_bench", "bench_model_dir", "shape_model_dir", "grpo_workload"]
+__all__ = ["run_openrlhf_client_bench", "bench_model_dir", "shape_model_dir", "grpo_workload", "drive_requests",
+           "prompt_prefills"]
 
 BENCH_MODEL_VERSION = "v1"
 
@@ -97,7 +98,7 @@ def grpo_workload(tokenizer: Any, prompts: int, group_size: int, prompt_tokens: 
     return bodies
 
 
-async def _drive(url: str, bodies: list[dict], in_flight: int) -> tuple[list[float], list[float], float]:
+async def drive_requests(url: str, bodies: list[dict], in_flight: int) -> tuple[list[float], list[float], float]:
     """(rewards in body order, latencies, wall seconds), ``in_flight`` requests at a time."""
     import aiohttp
 
@@ -123,12 +124,32 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def prompt_prefills(url: str) -> float | None:
+    """Prompts a server ran through its model so far (``steer_reward_prompt_prefills_total``, summed over
+    replicas); None when the server does not report it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    values = [s.value for f in text_string_to_metric_families(text) if f.name == "steer_reward_prompt_prefills"
+              for s in f.samples]
+    return sum(values) if values else None
+
+
 def _serve(name: str, server: Any, bodies: list[dict], in_flight: int, log: Any) -> dict:
     with server:
-        asyncio.run(_drive(server.url + "/get_reward", bodies[:4], 4))  # warm-up, not timed
-        rewards, latencies, seconds = asyncio.run(_drive(server.url + "/get_reward", bodies, in_flight))
+        before = prompt_prefills(server.url)  # the warm-up's samples are among the timed ones: count both
+        asyncio.run(drive_requests(server.url + "/get_reward", bodies[:4], 4))  # warm-up, not timed
+        rewards, latencies, seconds = asyncio.run(drive_requests(server.url + "/get_reward", bodies, in_flight))
+        after = prompt_prefills(server.url)
     result = {"requests_per_s": len(bodies) / seconds, "seconds": seconds, "p50_ms": 1000 * _quantile(latencies, 0.5),
-              "p99_ms": 1000 * _quantile(latencies, 0.99), "rewards": rewards}
+              "p99_ms": 1000 * _quantile(latencies, 0.99), "rewards": rewards,
+              "prompt_prefills": None if before is None or after is None else after - before}
     print(f"  {name}: {result['requests_per_s']:.2f} req/s", file=log, flush=True)
     return result
 
@@ -199,6 +220,7 @@ def run_openrlhf_client_bench(args: Any) -> dict:
         "latency_ms": {k: {"p50": results[k]["p50_ms"], "p99": results[k]["p99_ms"]} for k in ("server", "baseline")},
         "server_over_baseline": a / b, "server_over_in_process": a / c,
         "max_abs_reward_diff_server_vs_in_process": diff,
+        "prompt_prefills_server": results["server"]["prompt_prefills"],
     }
     target = getattr(args, "json", None)
     rows = [("(a) steer-reward serve", a, results["server"]), ("(b) serve_rm-style baseline", b, results["baseline"])]

@@ -36,7 +36,7 @@ class ServerProcess:
 
     def __init__(self, serve_args: Sequence[str] = (), port: int | None = None, env: Mapping[str, str] | None = None,
                  startup_timeout_s: float = 180.0, log_path: str | Path | None = None,
-                 command: Sequence[str] | None = None) -> None:
+                 command: Sequence[str] | None = None, stop_timeout_s: float = 15.0) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = list(command) if command is not None else [
@@ -44,6 +44,7 @@ class ServerProcess:
             "--port", str(self.port)]
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
         self._log = None
@@ -79,7 +80,7 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(15)
+                self.process.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
