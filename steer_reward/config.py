@@ -168,7 +168,8 @@ class VllmConfig:
     tensor_parallel_size: int = 1
     """GPUs one vLLM engine spreads the model over (tensor parallelism; the head is replicated)."""
     gpu_memory_utilization: float = 0.9
-    """Share of each GPU's memory vLLM may take (weights plus KV cache)."""
+    """Share of each GPU's memory vLLM may take (weights plus KV cache); on vLLM's CPU build, the share of CPU
+    memory it reserves."""
     enforce_eager: bool = False
     """Skip CUDA graphs (faster start, slower steps)."""
     engine_args: dict = field(default_factory=dict)

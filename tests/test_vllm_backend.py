@@ -48,7 +48,9 @@ def vllm_reward(vllm_model_path):
     from steer_reward.reward import SteerReward
 
     return SteerReward.from_config({"backend": "vllm", "model": {"path": vllm_model_path, "max_length": 512},
-                                    "vllm": {"enforce_eager": True}, "shaping": {"weights": "steerlm-70b"}})
+                                    # On the CPU build this share is of CPU memory (KV cache): keep it small.
+                                    "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.05},
+                                    "shaping": {"weights": "steerlm-70b"}})
 
 
 def test_vllm_outputs_equal_a_plain_hf_forward(vllm_reward, vllm_model_path):
