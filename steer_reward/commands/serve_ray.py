@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-import threading
+import time
 
 from steer_reward.errors import InputError, require_extra
 
@@ -24,6 +24,10 @@ def absolute_paths(overrides: dict, config) -> dict:
         if value and value != "demo" and Path(value).expanduser().exists():
             fixed[key] = str(Path(value).expanduser().resolve())
     return fixed
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_ray(args: argparse.Namespace) -> int:
@@ -49,10 +53,11 @@ def run_ray(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     start_ray(config)
+    # After ray.init, which installs a SIGTERM handler that aborts the process: stop cleanly instead, also while
+    # the replicas are still starting.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     try:
         serve.start(http_options={"host": server.host, "port": server.port})
         serve.run(reward_application(config, token), name=APP_NAME, route_prefix="/")
@@ -63,8 +68,10 @@ def run_ray(args: argparse.Namespace) -> int:
         print(f"steer-reward serving {config.model.path} on Ray Serve, {scaling}, routed by "
               f"{'prompt affinity' if server.affinity else 'least load'}, at {where} ({auth}); OpenRLHF: "
               f"--reward.remote_url {where}/get_reward", file=sys.stderr, flush=True)
-        while not stop.wait(1.0):
-            pass
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C
+        pass
     except RuntimeError as err:  # Ray Serve's deployment failures (a replica that cannot start) are RuntimeErrors
         raise InputError(f"the Ray Serve application did not start: {err}") from None
     finally:
