@@ -121,7 +121,10 @@ def load_reward_model(config: ModelConfig) -> tuple[torch.nn.Module, Any, Path]:
         )
     except ValueError as err:
         raise ModelLoadError(f"cannot load {folder}: {err}") from None
+    head = getattr(model, "score", None)
     restore_score_bias(model, folder)
+    if device_map is not None and getattr(model, "score", None) is not head:
+        _place_like(model.score, head)
     if config.adapter:
         model = _merge_adapter(model, config.adapter)
     if device is not None:  # a device_map has placed every module already (Accelerate moves the activations)
@@ -142,6 +145,17 @@ def _device_map(value: Any) -> Any:
     except ImportError:
         raise ModelLoadError("model.device_map needs accelerate: pip install accelerate") from None
     return value
+
+
+def _place_like(new: torch.nn.Module, old: torch.nn.Module) -> None:
+    """Put a replaced head where the device_map put the old one, with the Accelerate hook that moves its input there
+    when the model is spread over several devices."""
+    device = old.weight.device
+    new.to(device)
+    if hasattr(old, "_hf_hook"):
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(new, AlignDevicesHook(execution_device=device, io_same_device=True))
 
 
 def _merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:

@@ -59,3 +59,31 @@ def test_device_map_with_zero3_is_a_config_error(demo_model_path):
     config = load_config({"backend": "deepspeed", "model": {"path": demo_model_path, "device_map": "auto"}})
     with pytest.raises(ConfigError, match="device_map"):
         build_deepspeed_scorer(config)
+
+
+def test_device_map_keeps_the_score_bias_of_a_converted_checkpoint(demo_model_path, tmp_path):
+    """A folder whose config.json says the head has a bias (``steer-reward convert-nemo`` writes them; the 70B
+    SteerLM RM is one): the restored biased head sits where the map put the old one and the scores equal the
+    single-device load."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from steer_reward.scoring import AttributeScorer
+
+    folder = tmp_path / "biased"
+    shutil.copytree(demo_model_path, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["score.bias"] = torch.linspace(-1.0, 1.0, weights["score.weight"].shape[0])
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["steer_reward"] = {"score_bias": True}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    plain = AttributeScorer.from_config(load_config({"model": {"path": str(folder), "device": "cpu"}}))
+    mapped = AttributeScorer.from_config(load_config({"model": {"path": str(folder),
+                                                                "device_map": _per_module_map(str(folder))}}))
+    torch.testing.assert_close(mapped.model.score.bias.detach(), weights["score.bias"])
+    torch.testing.assert_close(mapped.score(PROMPTS, COMPLETIONS).values, plain.score(PROMPTS, COMPLETIONS).values,
+                               atol=1e-5, rtol=1e-5)

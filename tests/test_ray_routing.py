@@ -45,6 +45,9 @@ def test_score_keys_on_the_first_prompt_strings_and_messages_alike():
     ("/score", b'{"prompts": ['), ("/score", b"[1, 2]"), ("/score", b'{"prompts": []}'),
     ("/score", b'{"prompts": [42]}'), ("/score", b"\xff\xfe"), ("/get_reward", b'{"query": ["no markup"]}'),
     ("/get_reward", b'{"query": [1]}'), ("/info", b'{"prompts": ["Hi"]}'),
+    ("/score", b'{"prompts": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"),  # RecursionError in json.loads
+    ("/score", b'{"prompts": [' + b"[" * 3_000 + b"]" * 3_000 + b"]}"),  # parses; too deep to re-serialize
+    ("/score", b'{"prompts": ["Hi"], "weights": {"helpfulness": 1' + b"0" * 5000 + b"}}"),
 ])
 def test_bodies_without_a_prompt_have_no_key(path, body):
     assert affinity_key(path, body) is None  # routed least-loaded; the replica answers the 4xx

@@ -20,7 +20,8 @@ def absolute_paths(overrides: dict, config) -> dict:
 
     fixed = dict(overrides)
     for key, value in (("model.path", config.model.path), ("model.adapter", config.model.adapter),
-                       ("shaping.stats_file", config.shaping.stats_file)):
+                       ("shaping.stats_file", config.shaping.stats_file),
+                       ("server.actor_tokenizer", config.server.actor_tokenizer)):
         if value and value != "demo" and Path(value).expanduser().exists():
             fixed[key] = str(Path(value).expanduser().resolve())
     return fixed

@@ -54,7 +54,7 @@ def affinity_key(path: str, body: bytes) -> str | None:
         return None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return None
     if not isinstance(data, dict):
         return None
@@ -70,7 +70,7 @@ def affinity_key(path: str, body: bytes) -> str | None:
         return _digest(prompt)
     try:
         return _digest(json.dumps(prompt, sort_keys=True, ensure_ascii=False))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
 
 

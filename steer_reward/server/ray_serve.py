@@ -247,6 +247,13 @@ class RewardGateway:
         """Requests sent again because their replica died holding them."""
 
     async def __call__(self, request: Any) -> Any:
+        try:
+            return await self._route(request)
+        except Exception as err:  # noqa: BLE001 - a bug must still answer JSON, and the gateway keeps serving
+            logger.exception("the gateway failed")
+            return _error(500, f"internal error: {type(err).__name__}: {err}")
+
+    async def _route(self, request: Any) -> Any:
         from starlette.responses import Response
 
         method, path = request.method, _app_path(request.scope)
