@@ -53,7 +53,7 @@ def run_ray_client_bench(args: Any) -> dict:
     overrides = dict(parse_override(o) for o in _opt(args, "overrides", []))
     overrides.update({"model.path": model, "model.dtype": dtype, "model.device": device})
     config_path = _opt(args, "config", None)
-    base = load_config(config_path, overrides)
+    load_config(config_path, overrides)  # a bad override fails here, before anything starts
     workloads = [grpo_workload(_tokenizer(model), prompts, group, prompt_tokens, completion_tokens, seed=r)
                  for r in range(repeats + 1)]  # the last one warms every target up, untimed
     log = sys.stderr
