@@ -23,9 +23,11 @@ class AttributeScores:
     completion_lengths: torch.Tensor
     """Completion tokens the reward model read. Shape: ``(n,)``, int64."""
     prompt_truncated: torch.Tensor
-    """Prompt tokens dropped from the left to fit. Shape: ``(n,)``, int64."""
+    """Prompt tokens dropped from the left to fit ``model.max_length``. Shape: ``(n,)``, int64."""
     completion_truncated: torch.Tensor
-    """Completion tokens dropped because the completion alone exceeded the limit. Shape: ``(n,)``, int64."""
+    """Completion tokens dropped from its start to fit ``model.max_length`` (``model.overlong: truncate``; see
+    ``RewardFormatter.fit``): the score of such a sample judged only the completion's end. Shape: ``(n,)``,
+    int64."""
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -102,8 +104,7 @@ class AttributeScorer:
         model, tokenizer, _ = load_reward_model(config.model)
         schema = resolve_schema(config.model.schema, getattr(model.config, "id2label", None),
                                 int(model.config.num_labels))
-        formatter = RewardFormatter(tokenizer, config.model.template, config.model.max_length,
-                                    config.model.system_prompt)
+        formatter = RewardFormatter.from_config(tokenizer, config.model)
         backend = LocalBackend(model, tokenizer.pad_token_id, config.batching)
         return cls(formatter, backend, schema, model=model)
 

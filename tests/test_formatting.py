@@ -78,8 +78,93 @@ def test_left_truncation_keeps_bos_and_the_whole_completion(tokenizer):
     assert sample.prompt_ids[0] == tokenizer.bos_token_id
     assert sample.prompt_ids[1:] == full.prompt_ids[-(len(sample.prompt_ids) - 1):]
     assert sample.prompt_truncated == len(full.prompt_ids) - len(sample.prompt_ids)
-    (huge,) = formatter.encode(["q"], ["answer " * 100])
-    assert len(huge) == 40 and huge.completion_truncated > 0 and huge.prompt_ids == ()
+    assert sample.completion_truncated == 0
+
+
+def _uncut(tokenizer, prompt, completion):
+    return RewardFormatter(tokenizer, "chat_template", max_length=100_000).encode([prompt], [completion])[0]
+
+
+@pytest.mark.parametrize("prompt", ["q", "Tell me everything about the printing press. " * 20])
+def test_overlong_completion_keeps_the_prompt_end_and_the_completion_end(tokenizer, prompt):
+    """A completion longer than max_length: the prompt keeps its BOS and its last max_length // 4 tokens (the
+    assistant header the score depends on), the completion its end; both cuts are reported."""
+    formatter = RewardFormatter(tokenizer, "chat_template", max_length=40)
+    completion = "answer " * 100
+    full = _uncut(tokenizer, prompt, completion)
+    (sample,) = formatter.encode([prompt], [completion])
+    keep = min(len(full.prompt_ids), formatter.prompt_reserve)
+    assert len(sample) == 40 and len(sample.prompt_ids) == keep == 10
+    assert sample.prompt_ids[0] == tokenizer.bos_token_id
+    assert sample.prompt_ids[1:] == full.prompt_ids[-(keep - 1):]
+    assert tokenizer.decode(sample.prompt_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert sample.completion_ids == full.completion_ids[-(40 - keep):]
+    assert sample.prompt_truncated == len(full.prompt_ids) - keep
+    assert sample.completion_truncated == len(full.completion_ids) - (40 - keep) > 0
+
+
+def test_prompt_reserve_is_continuous(tokenizer):
+    """The completion is cut only past what fits beside the prompt's reserve, one token at a time."""
+    formatter = RewardFormatter(tokenizer, "raw", max_length=32)
+    prompt_ids, completion_ids = tuple(range(100, 160)), tuple(range(200, 260))
+    for n in range(20, 30):
+        sample = formatter.fit(prompt_ids, completion_ids[:n])
+        assert len(sample) == 32 and sample.completion_truncated == max(0, n - 24)
+        assert len(sample.prompt_ids) == max(8, 32 - n)
+
+
+def test_overlong_reject_names_the_sample_and_its_lengths(tokenizer):
+    formatter = RewardFormatter(tokenizer, "chat_template", max_length=40, overlong="reject")
+    long_prompt = "word " * 200
+    cut_prompt, fits = formatter.encode([long_prompt, "q"], ["the answer", "a"])  # prompts may still be cut
+    assert cut_prompt.prompt_truncated > 0 and cut_prompt.completion_truncated == 0
+    completion = "answer " * 100
+    tokens = len(_uncut(tokenizer, "q", completion).completion_ids)
+    with pytest.raises(FormattingError, match=rf"sample 1: the completion has {tokens} tokens .* at most 30 "
+                                              r"completion tokens fit model.max_length 40") as caught:
+        formatter.encode(["q", "q"], ["a", completion])
+    assert caught.value.index == 1 and "overlong" in caught.value.reason
+
+
+def test_model_config_reaches_the_formatter(tokenizer, demo_model_path):
+    from steer_reward.config import load_config
+    from steer_reward.scoring import AttributeScorer
+
+    config = load_config({"model": {"path": demo_model_path, "device": "cpu", "max_length": 48,
+                                    "overlong": "reject", "template": "steerlm", "system_prompt": "S"}})
+    formatter = AttributeScorer.from_config(config).formatter
+    assert (formatter.overlong, formatter.max_length, formatter.template, formatter.system_prompt) == \
+        ("reject", 48, "steerlm", "S")
+
+
+def test_attribute_scores_report_both_cuts(make_reward):
+    """The library's AttributeScores: a 6000-token completion at the default max_length 4096."""
+    reward = make_reward()
+    completion = "answer " * 6000
+    scored = reward.score(["q", "q"], ["short", completion])
+    formatter = reward.scorer.formatter
+    samples = formatter.encode(["q", "q"], ["short", completion])
+    assert scored.attributes.completion_truncated.tolist() == [0, samples[1].completion_truncated]
+    assert samples[1].completion_truncated > 0 and len(samples[1]) == 4096
+    assert scored.attributes.prompt_truncated.tolist() == [0, samples[1].prompt_truncated]
+    assert scored.attributes.completion_lengths.tolist()[1] == len(samples[1].completion_ids)
+
+
+def test_refusals_of_the_template_or_text_name_the_sample(tokenizer):
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with "
+                            "a user turn') }}{% endif %}" + tokenizer.chat_template)
+    formatter = RewardFormatter(strict, "chat_template")
+    with pytest.raises(FormattingError, match="sample 1: TemplateError: must start with a user turn"):
+        formatter.encode(["ok", [{"role": "assistant", "content": "x"}]], ["a", "b"])
+    with pytest.raises(FormattingError, match=r"sample 2: the completion holds a lone surrogate '\\ud800'"):
+        RewardFormatter(tokenizer, "chat_template").encode(["a", "b", "c"], ["x", "y", "bad \ud800"])
+    with pytest.raises(FormattingError, match="sample 0: .*prompt holds a lone surrogate"):
+        RewardFormatter(tokenizer, "steerlm").encode(["\udfff"], ["x"])
+    with pytest.raises(FormattingError, match="sample 0: prompt message 0: role must be a string"):
+        RewardFormatter(tokenizer, "steerlm").encode([[{"role": None, "content": "x"}]], ["x"])
 
 
 def test_missing_chat_template_is_a_clear_error(tokenizer):

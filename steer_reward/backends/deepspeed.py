@@ -378,6 +378,6 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
     with collective("deepspeed.initialize", timeout_s):
         engine, *_ = deepspeed.initialize(model=LastTokenHead(model), config=ds_config)
     engine.eval()
-    formatter = RewardFormatter(tokenizer, config.model.template, config.model.max_length, config.model.system_prompt)
+    formatter = RewardFormatter.from_config(tokenizer, config.model)
     backend = ZeroInferenceBackend(engine, tokenizer.pad_token_id, num_outputs, config.batching, device, timeout_s)
     return DeepSpeedAttributeScorer(formatter, backend, schema, model=engine.module.model)
