@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Iterator, Mapping, Union
 
 import yaml
 
@@ -21,6 +21,9 @@ from steer_reward.schema import closest
 
 __all__ = [
     "ConfigError",
+    "Limit",
+    "NUMERIC_LIMITS",
+    "check_numbers",
     "ModelConfig",
     "BatchingConfig",
     "LengthPenaltyConfig",
@@ -60,12 +63,14 @@ class ModelConfig:
     system_prompt: str | None = None
     """System turn for the steerlm template; None uses SteerLM's standard system prompt."""
     max_length: int = 4096
-    """Longest token sequence the model scores; longer ones lose prompt tokens from the left."""
+    """Longest token sequence the model scores; longer samples follow ``overlong``."""
     overlong: str = "truncate"
-    """What every face (library, CLI, TRL, server, OpenRLHF) does with a sample longer than ``max_length``:
-    ``truncate`` scores it cut (prompt tokens first, from the left; the completion's start only when the
-    completion alone is too long) and reports ``prompt_truncated`` / ``completion_truncated`` per sample;
-    ``reject`` refuses a sample whose completion alone does not fit, with an error naming it."""
+    """What every face (library, CLI, TRL, server, OpenRLHF) does with a sample longer than ``max_length``.
+    The prompt is cut first, from the left, keeping a leading BOS, down to its last ``max_length // 4`` tokens
+    (never to nothing: without its last turn and the assistant header the model would judge a bare text
+    fragment); that is reported as ``prompt_truncated``. A completion that still does not fit: ``truncate``
+    scores its end (where the score is read), cutting its start, and reports ``completion_truncated`` per
+    sample; ``reject`` refuses the sample with an error naming it and its lengths."""
     trust_remote_code: bool = False
     """Allow the checkpoint's own Python code (ArmoRM-style models need it). Off unless asked."""
     allow_pickle: bool = False
@@ -279,22 +284,138 @@ class SteerRewardConfig:
         _check_choice("shaping.reward_normalization", self.shaping.reward_normalization, ("none", "running"))
         if self.shaping.normalization == "fixed" and not self.shaping.stats_file:
             raise ConfigError("shaping.normalization is 'fixed' but shaping.stats_file is not set")
-        clip = self.shaping.clip
-        if clip is not None and (len(clip) != 2 or not float(clip[0]) < float(clip[1])):
-            raise ConfigError(f"shaping.clip must be [lo, hi] with lo < hi, got {clip!r}")
-        for key, value in (("model.max_length", self.model.max_length), ("batching.max_tokens",
-                           self.batching.max_tokens), ("batching.max_batch_size", self.batching.max_batch_size),
-                           ("batching.max_row_tokens", self.batching.max_row_tokens),
-                           ("shaping.length_penalty.target_tokens", self.shaping.length_penalty.target_tokens)):
-            if value <= 0:
-                raise ConfigError(f"{key} must be positive, got {value}")
-        for key, value in (("shaping.bias", self.shaping.bias), ("shaping.length_penalty.alpha",
-                           self.shaping.length_penalty.alpha)):
-            if not math.isfinite(value):
-                raise ConfigError(f"{key} must be finite, got {value}")
+        check_numbers(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric config field accepts: finite, ``lo`` (exclusive when ``lo_open``) to ``hi``."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    why: str = ""
+    """Said in the error when a value is out of range."""
+
+    def describe(self) -> str:
+        if self.lo == 1 or (self.lo == 0 and self.lo_open):
+            low = "positive"
+        elif self.lo == 0:
+            low = "0 or more"
+        else:
+            low = f"at least {_plain(self.lo)}"
+        return f"{low} and at most {_plain(self.hi)}"
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return math.isfinite(value) and above and value <= self.hi
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, a huge one shortened."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}... ({len(text)} characters)"
+
+
+MAX_COUNT = 2**31 - 1
+"""Largest token, sample, byte or item count accepted (also keeps counts inside int32 tensors)."""
+MAX_COEFFICIENT = 1e6
+"""Largest magnitude of a shaping coefficient (weight, bias, λ, α): attributes are O(1), so anything larger is a
+typo, and products would overflow the float32 rewards."""
+MAX_SECONDS = 1e7
+"""Longest timeout accepted (about 116 days): larger ones overflow the timers they are handed to."""
+
+NUMERIC_LIMITS: dict[str, Limit] = {
+    "model.max_length": Limit(1, MAX_COUNT),
+    "batching.max_tokens": Limit(1, MAX_COUNT),
+    "batching.max_batch_size": Limit(1, MAX_COUNT),
+    "batching.max_row_tokens": Limit(1, MAX_COUNT),
+    "batching.forward_overhead_tokens": Limit(0, MAX_COUNT),
+    "batching.prompt_cache_tokens": Limit(0, MAX_COUNT),
+    "shaping.bias": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
+    "shaping.length_penalty.alpha": Limit(0, MAX_COEFFICIENT, why="a negative alpha would reward length"),
+    "shaping.length_penalty.target_tokens": Limit(1, MAX_COUNT),
+    "shaping.eps": Limit(0, 1, lo_open=True, why="it keeps a zero standard deviation from dividing by zero"),
+    "deepspeed.timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "remote.timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "remote.retries": Limit(1, 1000),
+    "remote.backoff_s": Limit(0, 3600),
+    "server.port": Limit(1, 65535),
+    "server.max_wait_ms": Limit(0, MAX_SECONDS),
+    "server.max_batch_tokens": Limit(1, MAX_COUNT),
+    "server.max_queue": Limit(1, MAX_COUNT),
+    "server.max_body_bytes": Limit(1, MAX_COUNT),
+    "server.max_items_per_request": Limit(1, MAX_COUNT),
+    "server.prompt_cache_tokens": Limit(0, MAX_COUNT),
+}
+"""Range of every numeric field by dotted key (tests check every int/float field has an entry). A numeric field
+missing here must still be finite, 0 or more and at most ``MAX_COUNT``."""
+DEFAULT_LIMIT = Limit(0, MAX_COUNT)
+
+COEFFICIENT_MAPS = {"shaping.weights": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
+                    "shaping.decorrelate": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT)}
+"""Mapping fields whose values are numbers: {attribute: coefficient}."""
+
+
+def _number(key: str, value: Any, limit: Limit) -> float:
+    """``value`` as a float within ``limit``, or a ``ConfigError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {_show(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {_show(value)}")
+    if not limit.accepts(number):
+        why = f" ({limit.why})" if limit.why else ""
+        raise ConfigError(f"{key} must be {limit.describe()}, got {_show(value)}{why}")
+    return number
+
+
+def _numeric_fields(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, value, type) of every int/float field of a config dataclass, nested sections included."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        tp, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(value, f"{key}.")
+        elif tp in (int, float) and value is not None:
+            yield key, value, tp
+
+
+def check_numbers(config: "SteerRewardConfig") -> None:
+    """Every numeric field finite and in range (``NUMERIC_LIMITS``), every coefficient of ``shaping.weights`` /
+    ``shaping.decorrelate`` a finite number, ``shaping.clip`` two numbers with lo < hi (±inf allowed: one-sided).
+    A NaN weight or λ would make every reward NaN, silently."""
+    for key, value, _ in _numeric_fields(config):
+        _number(key, value, NUMERIC_LIMITS.get(key, DEFAULT_LIMIT))
+    for key, limit in COEFFICIENT_MAPS.items():
+        section, name = key.split(".")
+        mapping = getattr(getattr(config, section), name)
+        if isinstance(mapping, Mapping):
+            for attribute, value in mapping.items():
+                if not (key == "shaping.weights" and attribute == "preset"):
+                    _number(f"{key}.{attribute}", value, limit)
+    clip = config.shaping.clip
+    if clip is not None:
+        if len(clip) != 2:
+            raise ConfigError(f"shaping.clip must be [lo, hi], got {clip!r}")
+        bounds = []
+        for i, value in enumerate(clip):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ConfigError(f"shaping.clip[{i}] must be a number (.inf for no bound), got {value!r}")
+            bounds.append(float(value))
+        if not bounds[0] < bounds[1]:
+            raise ConfigError(f"shaping.clip must be [lo, hi] with lo < hi, got {clip!r}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -328,10 +449,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if base in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if base is int and float(value) != int(value):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return base(value)
+            raise ConfigError(f"{key} must be a number, got {_show(value)}")
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"{key} must be an integer, got {value!r}")
+            return int(value)  # ranges: check_numbers
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            raise ConfigError(f"{key} must be a finite number, got {_show(value)}") from None
     if base is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")

@@ -81,6 +81,9 @@ def test_bad_line_names_its_number_and_keeps_what_was_scored(tmp_path, demo_mode
     (["--set", "shaping.weights.helpfulness=.nan"], "finite"),
     (["--set", "shaping.normalisation=running"], "did you mean 'normalization'"),
     (["--config", "missing.yaml"], "does not exist"),
+    (["--set", "shaping.decorrelate.helpfulness=abc"], "shaping.decorrelate.helpfulness must be a number"),
+    (["--set", "batching.max_batch_size=1000000000000000000000000000000"],
+     "batching.max_batch_size must be positive and at most"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, demo_model_path, args, message):
     path = tmp_path / "in.jsonl"

@@ -128,3 +128,90 @@ def test_shipped_reward_configs_exist():
     names = {p.name for p in (CONFIGS / "rewards").glob("*.yaml")}
     assert {"steerlm-70b.yaml", "nemotron-340b.yaml", "helpfulness.yaml", "concise.yaml",
             "correctness-first.yaml"} <= names
+
+
+# -- numeric fields: finite and in range, one error naming the key ----------------------------------------------------
+
+def _numeric_fields(cls: type = None, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted key, int | float) of every numeric field, walked from the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    from steer_reward.config import SteerRewardConfig
+
+    cls = cls or SteerRewardConfig
+    found = []
+    for name, tp in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        tp = args[0]
+        if dataclasses.is_dataclass(tp):
+            found += _numeric_fields(tp, f"{prefix}{name}.")
+        elif tp in (int, float):
+            found.append((f"{prefix}{name}", tp))
+    return found
+
+
+NUMERIC = _numeric_fields()
+
+
+def test_every_numeric_field_has_a_declared_range():
+    from steer_reward.config import NUMERIC_LIMITS
+
+    assert len(NUMERIC) >= 20
+    missing = [key for key, _ in NUMERIC if key not in NUMERIC_LIMITS]
+    assert not missing, f"add a Limit for {missing} to steer_reward.config.NUMERIC_LIMITS"
+    assert set(NUMERIC_LIMITS) <= {key for key, _ in NUMERIC}
+
+
+def _bad_values(key: str, tp: type) -> list:
+    from steer_reward.config import NUMERIC_LIMITS
+
+    limit = NUMERIC_LIMITS[key]
+    below = limit.lo if limit.lo_open else limit.lo - 1
+    bad = ["abc", True, [1], float("nan"), float("inf"), -float("inf"), 10**30, 10**400, below, limit.hi + 1]
+    return bad + ([1.5] if tp is int else [])
+
+
+@pytest.mark.parametrize("key, tp", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_numeric_fields_refuse_non_finite_and_out_of_range_values(key, tp):
+    from steer_reward.config import NUMERIC_LIMITS
+
+    limit = NUMERIC_LIMITS[key]
+    for value in _bad_values(key, tp):
+        with pytest.raises(ConfigError, match=rf"^{key} must be ") as caught:
+            load_config({}, {key: value})
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+    for value in (limit.hi, limit.hi / 2 if limit.lo_open else limit.lo):  # values at the bounds load
+        assert getattr(load_config({}, {key: tp(value)}), key.split(".")[0]) is not None
+
+
+@pytest.mark.parametrize("key", ["shaping.weights.helpfulness", "shaping.decorrelate.helpfulness"])
+@pytest.mark.parametrize("value", ["abc", None, True, float("nan"), float("inf"), 10**400, 1e7])
+def test_coefficients_are_finite_numbers(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key} must be "):
+        load_config({}, {key: value})
+
+
+def test_coefficients_and_clip_bounds_that_load():
+    config = load_config({}, {"shaping.weights.verbosity": -1, "shaping.decorrelate.helpfulness": 0.2,
+                              "shaping.clip": [-float("inf"), 5]})
+    assert config.shaping.decorrelate == {"helpfulness": 0.2} and config.shaping.clip[1] == 5
+    load_config({"shaping": {"weights": {"preset": "steerlm-70b", "helpfulness": 1e6}}})
+
+
+@pytest.mark.parametrize("clip, message", [
+    (["a", 1], r"shaping.clip\[0\] must be a number"),
+    ([0, float("nan")], r"shaping.clip\[1\] must be a number"),
+    ([True, 2], r"shaping.clip\[0\] must be a number"),
+    ([1, 2, 3], r"shaping.clip must be \[lo, hi\]"),
+    ([2, 2], "lo < hi"),
+])
+def test_clip_bounds(clip, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, {"shaping.clip": clip})
+
+
+def test_a_nan_decorrelation_no_longer_makes_every_reward_nan():
+    """The adversarial case: λ = NaN was accepted and turned every reward into NaN."""
+    with pytest.raises(ConfigError, match="shaping.decorrelate.helpfulness must be a finite number"):
+        load_config({}, dict([parse_override("shaping.decorrelate.helpfulness=.nan")]))
