@@ -107,7 +107,8 @@ class PolicySampler:
 
 def best_of_n_rows(reward: Any, sampler: PolicySampler, rows: Iterable[dict], prompt_key: str = "prompt",
                    progress: bool = True) -> Iterator[dict]:
-    """For each input row, the row plus ``candidates`` (text, attributes, completion_tokens, reward),
+    """For each input row, the row plus ``candidates`` (text, attributes, completion_tokens, reward, and the
+    reward model's ``prompt_truncated_tokens`` / ``completion_truncated_tokens`` to fit ``model.max_length``),
     ``chosen`` (index of the highest reward), ``chosen_text``, ``schema`` and ``attribute_names``."""
     from tqdm import tqdm
 
@@ -122,10 +123,13 @@ def best_of_n_rows(reward: Any, sampler: PolicySampler, rows: Iterable[dict], pr
         scored = reward.score([prompt] * len(texts), texts, lengths=lengths)
         rewards = scored.rewards.tolist()
         chosen = max(range(len(rewards)), key=rewards.__getitem__)
+        cuts = zip(scored.attributes.prompt_truncated.tolist(), scored.attributes.completion_truncated.tolist())
         yield {
             **row,
-            "candidates": [{"text": t, "attributes": a, "completion_tokens": n, "reward": r}
-                           for t, a, n, r in zip(texts, scored.attributes.to_dicts(), lengths, rewards)],
+            "candidates": [{"text": t, "attributes": a, "completion_tokens": n, "reward": r,
+                            "prompt_truncated_tokens": p, "completion_truncated_tokens": c}
+                           for t, a, n, r, (p, c) in zip(texts, scored.attributes.to_dicts(), lengths, rewards,
+                                                         cuts)],
             "chosen": chosen,
             "chosen_text": texts[chosen],
             "schema": schema.name,

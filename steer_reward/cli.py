@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from steer_reward.commands.common import quiet_unused_libraries
     from steer_reward.errors import USER_ERRORS
 
+    quiet_unused_libraries()  # a deepspeed-backend run lets DeepSpeed speak again (reward_from_args)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

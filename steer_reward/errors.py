@@ -30,5 +30,7 @@ def require_extra(module: str, extra: str):
         ) from None
 
 
+# File-system refusals (a missing folder, no permission, a folder where a file was meant) say what is wrong in
+# one line of their own.
 USER_ERRORS = (ConfigError, SchemaError, ModelLoadError, FormattingError, InputError, MissingExtraError,
-               FileNotFoundError)
+               FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

@@ -6,8 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from steer_reward.commands.common import add_reward_args, read_jsonl, reward_from_args
+from steer_reward.commands.common import (add_reward_args, check_output, note_truncation, read_jsonl,
+                                         reward_from_args, staged_output)
 from steer_reward.errors import InputError
+from steer_reward.formatting import FormattingError, normalize_messages
 
 __all__ = ["register"]
 
@@ -43,13 +45,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--{str(err).split()[0].replace('_', '-')}: {err}") from None
     rows = []
     for number, row in read_jsonl(args.prompts):
-        if "prompt" not in row:
+        if "prompt" not in row or not isinstance(row["prompt"], (str, list)):
             raise InputError(f"{args.prompts}:{number}: a row needs a 'prompt' (string or list of messages)")
+        try:
+            normalize_messages(row["prompt"])
+        except FormattingError as err:
+            raise InputError(f"{args.prompts}:{number}: {err.reason}") from None
         rows.append(row)
+    check_output(args.output, inputs=[args.prompts])
     reward = reward_from_args(args)
     if args.policy == "demo":
         print(DEMO_POLICY_WARNING, file=sys.stderr)
     policy, tokenizer = load_policy(args.policy, args.device)
-    written = write_best_of_n(reward, PolicySampler(policy, tokenizer, sampling), rows, args.output)
+    # Staged: an existing --output is replaced only when every prompt is done (a failure keeps the finished
+    # prompts in OUTPUT.partial).
+    with staged_output(args.output, inputs=[args.prompts]) as stage:
+        written = write_best_of_n(reward, PolicySampler(policy, tokenizer, sampling), rows, stage)
+    cut = {"prompt": 0, "completion": 0}
+    for _, row in read_jsonl(args.output):
+        for candidate in row["candidates"]:
+            for part in cut:
+                cut[part] += candidate[f"{part}_truncated_tokens"] > 0
+    note_truncation(cut)
     print(f"wrote {written} prompts x {args.n} candidates to {args.output}")
     return 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from steer_reward.commands.common import add_reward_args, reward_from_args
 
 __all__ = ["register", "run_demo"]
@@ -21,6 +19,8 @@ def register(subparsers: Any) -> None:
 
 def run_demo(reward: Any) -> str:
     """The demo table as text: per-attribute means and, per preset, how often the chosen response wins."""
+    import torch
+
     from steer_reward.demo import sample_rows
 
     rows = sample_rows()
@@ -46,6 +46,10 @@ def run_demo(reward: Any) -> str:
     for subset in subsets:
         mask = torch.tensor([r["subset"] == subset for r in rows])
         lines.append(f"  {subset:<26}{int((margin[mask] > 0).sum())}/{int(mask.sum())}")
+    cut = {part: int((getattr(scored.attributes, f"{part}_truncated") > 0).sum()) for part in ("prompt", "completion")}
+    if any(cut.values()):
+        lines += ["", f"cut to fit model.max_length: {cut['prompt']} prompts, {cut['completion']} completions "
+                      "(their scores read only the part that fit)"]
     return "\n".join(lines)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from steer_reward.commands.common import add_reward_args, reward_from_args
+from steer_reward.commands.common import add_reward_args, check_output, reward_from_args, staged_output
 
 __all__ = ["register", "openrlhf_notes"]
 
@@ -49,20 +48,25 @@ def openrlhf_notes(offset: float) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from steer_reward.folding import FOLDED_METADATA_KEY, export_folded, shaper_weights
 
+    # Staged into a new folder renamed at the end: --out may not be the model or hold an input, and replaces only
+    # an earlier export (which has steer_reward_folded.json), never another folder.
+    staged = dict(inputs=[None if args.model == "demo" else args.model, args.config], directory=True,
+                  replaceable="steer_reward_folded.json", flag="--out")
+    check_output(args.out, **staged)
     reward = reward_from_args(args)
-    folded = export_folded(reward, args.out)
-    out = Path(args.out)
-    notes = openrlhf_notes(folded.offset)
-    # The notes travel with the checkpoint: in config.json next to the offset, and in a README for people.
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config.setdefault(FOLDED_METADATA_KEY, {})["openrlhf"] = notes
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    weights = ", ".join(f"{k}={v:g}" for k, v in shaper_weights(reward).items() if v)
-    (out / "README.md").write_text(
-        f"# Folded steer-reward head\n\nOne-output reward model folded from {reward.schema.name} ({weights}).\n"
-        f"The shaped reward is `logits[:, 0] + {folded.offset:.6g}` (float32; `steer_reward.reward_offset` in "
-        f"config.json).\n\n## OpenRLHF\n\n" + "".join(f"- {note}\n" for note in notes))
+    with staged_output(args.out, **staged) as stage:
+        folded = export_folded(reward, stage)
+        notes = openrlhf_notes(folded.offset)
+        # The notes travel with the checkpoint: in config.json next to the offset, and in a README for people.
+        config_path = stage / "config.json"
+        config = json.loads(config_path.read_text())
+        config.setdefault(FOLDED_METADATA_KEY, {})["openrlhf"] = notes
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        weights = ", ".join(f"{k}={v:g}" for k, v in shaper_weights(reward).items() if v)
+        (stage / "README.md").write_text(
+            f"# Folded steer-reward head\n\nOne-output reward model folded from {reward.schema.name} ({weights}).\n"
+            f"The shaped reward is `logits[:, 0] + {folded.offset:.6g}` (float32; `steer_reward.reward_offset` in "
+            f"config.json).\n\n## OpenRLHF\n\n" + "".join(f"- {note}\n" for note in notes))
     print(f"wrote {args.out}: one-output head folded from {reward.schema.name} ({weights}); "
           f"reward = logits[:, 0] + {folded.offset:.6g}")
     print("OpenRLHF (also in its README.md):")

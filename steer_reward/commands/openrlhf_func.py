@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from steer_reward.commands.common import add_reward_args
+from steer_reward.commands.common import add_reward_args, staged_output
 from steer_reward.config import load_config, parse_override
 from steer_reward.errors import InputError
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"actor template: {family}; generation prompt {actor.generation_prompt!r}")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(reward_func_source(config, model, overrides))
+    with staged_output(out, inputs=[config, None if model == "demo" else model], flag="--out") as stage:
+        stage.write_text(reward_func_source(config, model, overrides))
     print(f"wrote {out}; use it with: --reward.remote_url {out.resolve()}")
     return 0

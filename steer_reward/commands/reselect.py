@@ -25,8 +25,11 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from steer_reward.commands.common import check_output, staged_output
     from steer_reward.reselect import compare, format_table, load_scored, plot_selections
 
+    if args.plot:
+        check_output(args.plot, inputs=[args.scored, *args.configs], flag="--plot")
     scored = load_scored(args.scored)
     names = [Path(c).stem for c in args.configs]
     if len(set(names)) != len(names):
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     selections = compare(scored, dict(zip(names, args.configs)))
     print(format_table(scored, selections))
     if args.plot:
-        plot_selections(scored, selections, args.plot)
+        with staged_output(args.plot, inputs=[args.scored, *args.configs], flag="--plot") as stage:
+            plot_selections(scored, selections, stage)  # the staged name keeps the suffix savefig reads
         print(f"wrote {args.plot}")
     return 0
