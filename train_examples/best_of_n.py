@@ -7,7 +7,8 @@
 
 Step 1 samples ``--n`` candidates per prompt and scores every one (attributes + reward) into ``--output``; step 2
 re-picks under each ``--compare`` config from the stored attributes alone (no model runs) and prints how the
-picks and the picked candidates' attributes move. Metrics go to wandb (``--report-to wandb``) as a table.
+picks and the picked candidates' attributes move. Metrics go to wandb (``--report-to wandb``) as a table, offline
+unless W&B is set up (``wandb login`` or WANDB_API_KEY).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # wandb_mode, beside this file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     from steer_reward.demo import DEMO_POLICY_WARNING, DEMO_WARNING, sample_rows
     from steer_reward.reselect import compare, format_table, load_scored
     from steer_reward.reward import SteerReward
+    from wandb_mode import offline_unless_configured
 
     args = parse_args(argv)
+    offline_unless_configured(args.report_to)  # no W&B account needed: offline unless the user set it up
     for flag, warning in ((args.reward_model, DEMO_WARNING), (args.policy, DEMO_POLICY_WARNING)):
         if flag == "demo":
             print(warning, file=sys.stderr)

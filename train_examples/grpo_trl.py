@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # wandb_mode, beside this file
 
 
 def parse_args(argv: list[str] | None = None, algorithm: str = "grpo") -> argparse.Namespace:
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None, algorithm: str = "grpo") -> argpar
     parser.add_argument("--max-completion-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-6)
     parser.add_argument("--save-steps", type=int, default=50)
-    parser.add_argument("--report-to", default="wandb", help="wandb, none, ...")
+    parser.add_argument("--report-to", default="wandb",
+                        help="wandb, none, ... (wandb logs offline unless W&B is set up: WANDB_API_KEY, wandb login)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--tiny", action="store_true",
                         help="demo RM + demo policy (random weights), 2 steps, tiny batches, CPU: a smoke run")
@@ -159,8 +161,10 @@ def build_trainer(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None, algorithm: str = "grpo") -> int:
     from steer_reward.demo import DEMO_POLICY_WARNING, DEMO_WARNING
+    from wandb_mode import offline_unless_configured
 
     args = parse_args(argv, algorithm)
+    offline_unless_configured(args.report_to)  # no W&B account needed: offline unless the user set it up
     if args.reward_model == "demo":
         print(DEMO_WARNING, file=sys.stderr)
     if args.policy == "demo":
