@@ -43,7 +43,7 @@ def attribute_scores_from_reply(reply: Mapping) -> AttributeScores:
         names=names,
         completion_lengths=torch.tensor(reply.get("completion_lengths", [0] * n), dtype=torch.long),
         prompt_truncated=torch.tensor(reply.get("prompt_truncated_tokens", [0] * n), dtype=torch.long),
-        completion_truncated=torch.zeros(n, dtype=torch.long),
+        completion_truncated=torch.tensor(reply.get("completion_truncated_tokens", [0] * n), dtype=torch.long),
     )
 
 

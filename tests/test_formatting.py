@@ -173,3 +173,16 @@ def test_missing_chat_template_is_a_clear_error(tokenizer):
 
     with pytest.raises(FormattingError, match="no chat template"):
         RewardFormatter(NoTemplate(), "chat_template")
+
+
+def test_remote_replies_carry_both_cuts_into_attribute_scores():
+    """A server reply's completion_truncated_tokens reaches AttributeScores (zeros from servers without the key,
+    which refuse cut completions)."""
+    from steer_reward.client import attribute_scores_from_reply
+
+    reply = {"names": ["a"], "attributes": {"a": [1.0, 2.0]}, "rewards": [1.0, 2.0], "completion_lengths": [3, 9],
+             "prompt_truncated_tokens": [0, 4], "completion_truncated_tokens": [0, 7]}
+    scores = attribute_scores_from_reply(reply)
+    assert scores.prompt_truncated.tolist() == [0, 4] and scores.completion_truncated.tolist() == [0, 7]
+    del reply["completion_truncated_tokens"]
+    assert attribute_scores_from_reply(reply).completion_truncated.tolist() == [0, 0]
