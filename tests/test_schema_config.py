@@ -186,7 +186,8 @@ def test_numeric_fields_refuse_non_finite_and_out_of_range_values(key, tp):
 
 
 @pytest.mark.parametrize("key", ["shaping.weights.helpfulness", "shaping.decorrelate.helpfulness"])
-@pytest.mark.parametrize("value", ["abc", None, True, float("nan"), float("inf"), 10**400, 1e7])
+@pytest.mark.parametrize("value", ["abc", None, True, float("nan"), float("inf"), 10**400, 1e7],
+                         ids=["string", "null", "bool", "nan", "inf", "10**400", "1e7"])
 def test_coefficients_are_finite_numbers(key, value):
     with pytest.raises(ConfigError, match=rf"^{key} must be "):
         load_config({}, {key: value})
