@@ -120,9 +120,12 @@ def test_openrlhf_func_refuses_to_overwrite_its_config(tmp_path, capsys):
 
 
 def test_export_folded_never_writes_into_the_model_or_a_foreign_folder(tmp_path, demo_model_path, capsys):
-    model_config = Path(demo_model_path) / "config.json"
+    import shutil
+
+    model = shutil.copytree(demo_model_path, tmp_path / "rm")  # a copy: a regression must not spoil the shared one
+    model_config = model / "config.json"
     before = model_config.read_bytes()
-    assert main(["export-folded", "--model", demo_model_path, "--out", demo_model_path]) == 2
+    assert main(["export-folded", "--model", str(model), "--out", str(tmp_path / "." / "rm")]) == 2
     assert "is the input" in capsys.readouterr().err and model_config.read_bytes() == before
     foreign = tmp_path / "mine"
     foreign.mkdir()
