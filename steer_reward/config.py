@@ -354,6 +354,7 @@ NUMERIC_LIMITS: dict[str, Limit] = {
     "server.max_body_bytes": Limit(1, MAX_COUNT),
     "server.max_items_per_request": Limit(1, MAX_COUNT),
     "server.prompt_cache_tokens": Limit(0, MAX_COUNT),
+    "server.fallback_reward": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
 }
 """Range of every numeric field by dotted key (tests check every int/float field has an entry). A numeric field
 missing here must still be finite, 0 or more and at most ``MAX_COUNT``."""

@@ -119,6 +119,18 @@ def test_openrlhf_func_refuses_to_overwrite_its_config(tmp_path, capsys):
     assert "is the input" in capsys.readouterr().err and config.read_text() == "model: {path: demo}\n"
 
 
+@pytest.mark.parametrize("argv", [["calibrate", "--scored", "{f}", "--out", "{f}"],
+                                  ["calibrate", "--scored", "s.jsonl", "--config", "{f}", "--out", "{f}"],
+                                  ["eval", "--data", "{f}", "--plot", "{f}"],
+                                  ["eval", "--data", "{f}", "--scored", "{f}"]], ids=lambda a: "-".join(a[:4:3]))
+def test_calibrate_and_eval_refuse_to_overwrite_an_input(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "input.jsonl"
+    source.write_text("precious\n")
+    assert main([a.format(f=source) for a in argv]) == 2
+    assert "is the input" in capsys.readouterr().err and source.read_text() == "precious\n"
+
+
 def test_export_folded_never_writes_into_the_model_or_a_foreign_folder(tmp_path, demo_model_path, capsys):
     import shutil
 

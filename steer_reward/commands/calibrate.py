@@ -37,11 +37,21 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from steer_reward.calibration import (calibrate, format_calibration, load_reference, plot_calibration,
                                           write_calibration)
+    from steer_reward.commands.common import check_output, staged_output
     from steer_reward.config import load_config
     from steer_reward.shaping import RewardShaper
 
+    # No output may be an input (--scored, --config); the YAML and the plot are renamed into place when complete.
+    inputs = [args.scored, args.config]
+    stats_out = args.stats_out or (None if args.no_normalization else
+                                   str(Path(args.out).with_name(Path(args.out).stem + ".stats.json")))
+    for flag, target in (("--out", args.out), ("--stats-out", stats_out), ("--plot", args.plot)):
+        if target:
+            check_output(target, inputs=inputs, flag=flag)
     reference = load_reference(args.scored)
     calibration = calibrate(reference, args.threshold, normalize=not args.no_normalization)
     print(format_calibration(calibration))
@@ -50,15 +60,18 @@ def run(args: argparse.Namespace) -> int:
         if args.strict:
             raise InputError(f"no λ on ArmoRM's grid brings these under {args.threshold:g}: {names}")
         print(f"warning: not reached on the grid, λ = 1.0 (ArmoRM's fallback): {names}", file=sys.stderr)
-    stats = write_calibration(calibration, args.out, f"{args.scored} ({reference.source})", args.config,
-                              args.stats_out)
-    # The written files must load as a config and shape the reference data as fitted: build the shaper from them.
-    config = load_config(args.out)
-    RewardShaper(calibration.schema, config.shaping)
+    with staged_output(args.out, inputs=inputs, flag="--out") as stage:
+        stats = write_calibration(calibration, stage, f"{args.scored} ({reference.source})", args.config,
+                                  stats_out)
+        # The written files must load as a config and shape the reference data as fitted: build the shaper from
+        # them (before --out is in place).
+        config = load_config(stage)
+        RewardShaper(calibration.schema, config.shaping)
     print(f"\nwrote {args.out}" + (f" and {stats}" if stats else "")
           + f"; use it as --config {args.out}" + ("" if args.config else
              " (other settings at their defaults), or pass --config BASE.yaml to merge it into your config"))
     if args.plot:
-        plot_calibration(calibration, args.plot)
+        with staged_output(args.plot, inputs=inputs, flag="--plot") as stage:
+            plot_calibration(calibration, stage)
         print(f"wrote {args.plot}")
     return 0

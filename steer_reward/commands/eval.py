@@ -113,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
                              ("--chunk-size", args.chunk_size, 1)):
         if value < low:
             raise InputError(f"{flag} must be at least {low}, got {value}")
+    from steer_reward.commands.common import check_output, staged_output
+
+    inputs = [args.data, *args.configs]  # no output may be one of them
+    for flag, target in (("--scored", args.scored), ("--plot", args.plot)):
+        if target:
+            check_output(target, inputs=inputs, flag=flag)
     axes = parse_sweep(args.sweep) if args.sweep is not None else []
     data = load_preferences(args.data)
     configs = load_configs(args.configs, args.model, args.overrides)
@@ -128,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(report, note))
     if args.plot:
-        plot_report(report, args.plot, " — demo model, RANDOM weights" if demo else "")
+        with staged_output(args.plot, inputs=[*inputs, args.scored], flag="--plot") as stage:
+            plot_report(report, stage, " — demo model, RANDOM weights" if demo else "")
         if not args.json:
             print(f"wrote {args.plot}")
     return 0
