@@ -1,7 +1,8 @@
 """The README's commands, read from its code blocks and run as written, as on a fresh machine: no W&B login, no
 WANDB_MODE, an empty HOME. A command added to or changed in the README is run here or must say why not.
 
-Only three rewrites, all stated: reward-model and policy paths under ``/models/`` become ``demo``; of the set-up
+Only three rewrites, all stated: reward-model and policy paths under ``/models/`` become ``demo`` (an actor
+tokenizer there becomes the demo policy's folder); of the set-up
 chain only its ``steer-reward demo`` runs (a test cannot reinstall the package); the test command runs with
 ``--collect-only`` (running the suite inside the suite would recurse).
 """
@@ -21,9 +22,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
-CLI_RUN = {"score", "demo", "best-of-n", "reselect", "export-folded", "openrlhf-func"}
+CLI_RUN = {"score", "demo", "best-of-n", "reselect", "export-folded", "openrlhf-func", "eval", "calibrate"}
 """Subcommands whose README examples run with the demo models."""
 NOT_RUN = {
+    "steer-reward inspect-nemo": "needs a NeMo checkpoint; tests/test_convert_*.py convert tiny ones",
+    "steer-reward convert-nemo": "needs a NeMo checkpoint; tests/test_convert_*.py convert tiny ones",
     "steer-reward serve": "a server that runs until stopped; tests/test_server.py and tests/test_client.py start it",
     "steer-reward bench": "a benchmark taking minutes; tests/test_bench.py runs small workloads",
     "python benchmarks/gpu_bench.py": "needs a GPU",
@@ -93,6 +96,8 @@ def workspace(tmp_path) -> Path:
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
                                                     for p in ("Say hi.", "Name a color.")))
+    pairs = (ROOT / "tests/data/llmbar/llmbar_rewardbench_style_first60.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
     return tmp_path
 
 
@@ -105,6 +110,9 @@ def _run(command: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPro
 
 
 def _demo_models(command: str) -> str:
+    from steer_reward.demo import demo_policy_dir
+
+    command = re.sub(r"--actor-tokenizer /models/\S+", f"--actor-tokenizer {demo_policy_dir()}", command)
     return re.sub(r"/models/\S+", "demo", command)
 
 
@@ -123,8 +131,9 @@ def test_readme_cli_commands_run_with_the_demo_models(workspace):
             _run(_demo_models(command), workspace)
     assert {shlex.split(c)[1] for c in ran} == CLI_RUN
     assert len((workspace / "scored.jsonl").read_text().splitlines()) == 2  # best-of-n's (after score's)
-    assert (workspace / "picks.png").stat().st_size > 0
-    assert (workspace / "rm-folded" / "config.json").is_file() and (workspace / "reward_func.py").is_file()
+    for written in ("picks.png", "rm-folded/config.json", "reward_func.py", "llmbar.scored.jsonl",
+                    "calibrated.yaml", "calibration.png"):
+        assert (workspace / written).stat().st_size > 0, written
 
 
 @pytest.mark.slow
