@@ -340,7 +340,7 @@ NUMERIC_LIMITS: dict[str, Limit] = {
     "batching.forward_overhead_tokens": Limit(0, MAX_COUNT),
     "batching.prompt_cache_tokens": Limit(0, MAX_COUNT),
     "shaping.bias": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
-    "shaping.length_penalty.alpha": Limit(0, MAX_COEFFICIENT, why="a negative alpha would reward length"),
+    "shaping.length_penalty.alpha": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),  # negative: a length bonus
     "shaping.length_penalty.target_tokens": Limit(1, MAX_COUNT),
     "shaping.eps": Limit(0, 1, lo_open=True, why="it keeps a zero standard deviation from dividing by zero"),
     "deepspeed.timeout_s": Limit(0, MAX_SECONDS, lo_open=True),

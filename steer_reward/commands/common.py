@@ -212,17 +212,18 @@ def staged_output(target: str | Path, *, inputs: Iterable[str | Path | None] = (
     try:
         yield stage
     except BaseException as err:
+        written = stage.is_file() and stage.stat().st_size > 0
         if directory:
             shutil.rmtree(stage, ignore_errors=True)
-        elif isinstance(err, commit_on) and stage.stat().st_size:
+        elif isinstance(err, commit_on) and written:
             _commit_file(stage, real)
-        elif stage.stat().st_size:
+        elif written:
             partial = real.with_name(real.name + ".partial")
             os.replace(stage, partial)
             print(f"note: {str(target)!r} was left as it was; what was written before the failure is in "
                   f"{str(partial)!r}", file=sys.stderr)
         else:
-            stage.unlink()
+            stage.unlink(missing_ok=True)
         raise
     if directory:
         _commit_folder(stage, real)
