@@ -342,7 +342,7 @@ NUMERIC_LIMITS: dict[str, Limit] = {
     "shaping.bias": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
     "shaping.length_penalty.alpha": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),  # negative: a length bonus
     "shaping.length_penalty.target_tokens": Limit(1, MAX_COUNT),
-    "shaping.eps": Limit(0, 1, lo_open=True, why="it keeps a zero standard deviation from dividing by zero"),
+    "shaping.eps": Limit(0, 1),
     "deepspeed.timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
     "remote.timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
     "remote.retries": Limit(1, 1000),
