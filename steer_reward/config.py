@@ -297,8 +297,6 @@ class Limit:
     lo: float
     hi: float
     lo_open: bool = False
-    why: str = ""
-    """Said in the error when a value is out of range."""
 
     def describe(self) -> str:
         if self.lo == 1 or (self.lo == 0 and self.lo_open):
@@ -355,6 +353,17 @@ NUMERIC_LIMITS: dict[str, Limit] = {
     "server.max_items_per_request": Limit(1, MAX_COUNT),
     "server.prompt_cache_tokens": Limit(0, MAX_COUNT),
     "server.fallback_reward": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
+    "server.replicas": Limit(0, MAX_COUNT),
+    "server.min_replicas": Limit(0, MAX_COUNT),
+    "server.max_replicas": Limit(1, MAX_COUNT),
+    "server.replica_gpus": Limit(0, MAX_COUNT),
+    "server.replica_cpus": Limit(0, MAX_COUNT),
+    "server.replica_max_ongoing": Limit(1, MAX_COUNT),
+    "server.gateway_replicas": Limit(1, MAX_COUNT),
+    "server.replica_retries": Limit(1, 1000),
+    "server.replica_timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "vllm.tensor_parallel_size": Limit(1, 1024),
+    "vllm.gpu_memory_utilization": Limit(0, 1, lo_open=True),
 }
 """Range of every numeric field by dotted key (tests check every int/float field has an entry). A numeric field
 missing here must still be finite, 0 or more and at most ``MAX_COUNT``."""
@@ -376,8 +385,7 @@ def _number(key: str, value: Any, limit: Limit) -> float:
     if not math.isfinite(number):
         raise ConfigError(f"{key} must be a finite number, got {_show(value)}")
     if not limit.accepts(number):
-        why = f" ({limit.why})" if limit.why else ""
-        raise ConfigError(f"{key} must be {limit.describe()}, got {_show(value)}{why}")
+        raise ConfigError(f"{key} must be {limit.describe()}, got {_show(value)}")
     return number
 
 

@@ -186,3 +186,14 @@ def test_remote_replies_carry_both_cuts_into_attribute_scores():
     assert scores.prompt_truncated.tolist() == [0, 4] and scores.completion_truncated.tolist() == [0, 7]
     del reply["completion_truncated_tokens"]
     assert attribute_scores_from_reply(reply).completion_truncated.tolist() == [0, 0]
+
+
+def test_every_backend_builds_its_formatter_from_the_model_config():
+    """A formatter built field by field skips model.overlong (and any later model option): backends use
+    RewardFormatter.from_config."""
+    source = Path(__file__).resolve().parents[1] / "steer_reward"
+    direct = [f"{path.relative_to(source)}:{number}" for path in sorted(source.rglob("*.py"))
+              if path.name != "formatting.py"
+              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+              if "RewardFormatter(" in line]
+    assert not direct, f"use RewardFormatter.from_config at {direct}"

@@ -30,6 +30,9 @@ NOT_RUN = {
     "steer-reward serve": "a server that runs until stopped; tests/test_server.py and tests/test_client.py start it",
     "steer-reward bench": "a benchmark taking minutes; tests/test_bench.py runs small workloads",
     "python benchmarks/gpu_bench.py": "needs a GPU",
+    "ray start": "starts a Ray cluster node (multi-node set-up)",
+    "serve start": "Ray Serve's own CLI on a running cluster; tests/test_ray_serve.py serves through Ray",
+    "serve run": "Ray Serve's own CLI on a running cluster; tests/test_ray_serve.py serves through Ray",
     "python train_examples/grpo_trl.py --reward-config": "needs real checkpoints; its --tiny form runs here",
     "train_examples/grpo_trl_zero3.sh --reward-model": "needs GPUs and real checkpoints; its --tiny form runs here",
 }

@@ -74,5 +74,5 @@ def build_vllm_scorer(config: SteerRewardConfig) -> AttributeScorer:
         # Raw regression outputs: last-token pooling, no softmax/sigmoid over the K labels.
         pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False), **options.engine_args,
     )
-    formatter = RewardFormatter(tokenizer, config.model.template, config.model.max_length, config.model.system_prompt)
+    formatter = RewardFormatter.from_config(tokenizer, config.model)
     return AttributeScorer(formatter, VllmBackend(llm, num_outputs), schema)
