@@ -3,6 +3,12 @@
 Failures that may pass (connection refused or reset, timeouts, 5xx, 429, 503 with Retry-After) are retried with
 exponential backoff and jitter, moving round-robin to the next server and skipping servers that failed recently;
 a 4xx means the request itself is wrong and is raised at once with the server's message.
+
+Idle keep-alive connections are dropped after ``idle_timeout_s`` (4 s), before the server closes them
+(``server.keep_alive_s``, 75 s). A request that still meets a connection closed under it (the server or a proxy
+closed it first: "Server disconnected without sending a response", a reset) is sent again at once on a new
+connection, once, without counting as a try or marking the server unhealthy: ``/score`` computes nothing that
+a repeat would change.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class RemoteScorer:
 
     def __init__(self, urls: str | Sequence[str], token: str | None = None, timeout: float = 180.0,
                  retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 10.0, unhealthy_s: float = 5.0,
-                 max_items: int = 1024) -> None:
+                 max_items: int = 1024, idle_timeout_s: float = 4.0) -> None:
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RemoteScorer needs at least one server URL (remote.urls)")
@@ -81,6 +87,7 @@ class RemoteScorer:
         self.max_backoff_s = float(max_backoff_s)
         self.unhealthy_s = float(unhealthy_s)
         self.max_items = int(max_items)
+        self.idle_timeout_s = float(idle_timeout_s)
         self._setup()
 
     def _setup(self) -> None:
@@ -145,6 +152,17 @@ class RemoteScorer:
         raise RemoteError(f"{url} refused the request ({response.status_code}): {_error_message(response)}",
                           response.status_code)
 
+    @staticmethod
+    def _stale_connection(error: Exception | None) -> bool:
+        """The connection was closed under the request (a reused keep-alive connection the server had just
+        closed, or a reset): worth one immediate resend on a fresh connection."""
+        httpx = require_extra("httpx", "server")
+        return isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+
+    def _limits(self, **extra: Any) -> Any:
+        httpx = require_extra("httpx", "server")
+        return httpx.Limits(keepalive_expiry=self.idle_timeout_s, **extra)
+
     def _give_up(self, path: str, last: str) -> RemoteError:
         return RemoteError(f"no reward server answered {path} after {self.retries} tries ({', '.join(self.urls)}); "
                            f"last error: {last}")
@@ -153,19 +171,25 @@ class RemoteScorer:
     def _sync_client(self) -> Any:
         if self._client is None:
             httpx = require_extra("httpx", "server")
-            self._client = httpx.Client(timeout=self.timeout, headers=self.headers)
+            self._client = httpx.Client(timeout=self.timeout, headers=self.headers, limits=self._limits())
         return self._client
 
     def request(self, method: str, path: str, payload: Any = None) -> dict:
         """One JSON request with retries and failover."""
         httpx = require_extra("httpx", "server")
-        client, last = self._sync_client(), ""
+        client, last, resent = self._sync_client(), "", False
         for attempt in range(self.retries):
             url = self._pick()
             try:
                 response, error = client.request(method, url + path, json=payload), None
             except httpx.TransportError as err:
                 response, error = None, err
+            if not resent and self._stale_connection(error):
+                resent = True
+                try:
+                    response, error = client.request(method, url + path, json=payload), None
+                except httpx.TransportError as err:
+                    response, error = None, err
             reply, retry_after, last = self._outcome(url, response, error)
             if reply is not None:
                 return reply
@@ -211,7 +235,7 @@ class RemoteScorer:
         key = id(loop)
         client = self._async_clients.get(key)
         if client is None or getattr(client, "_steer_loop", None) is not loop:
-            limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            limits = self._limits(max_connections=256, max_keepalive_connections=64)
             client = httpx.AsyncClient(timeout=self.timeout, headers=self.headers, limits=limits)
             client._steer_loop = loop
             self._async_clients[key] = client
@@ -220,13 +244,19 @@ class RemoteScorer:
     async def arequest(self, method: str, path: str, payload: Any = None) -> dict:
         """``request`` for async callers."""
         httpx = require_extra("httpx", "server")
-        client, last = self._async_client(), ""
+        client, last, resent = self._async_client(), "", False
         for attempt in range(self.retries):
             url = self._pick()
             try:
                 response, error = await client.request(method, url + path, json=payload), None
             except httpx.TransportError as err:
                 response, error = None, err
+            if not resent and self._stale_connection(error):
+                resent = True
+                try:
+                    response, error = await client.request(method, url + path, json=payload), None
+                except httpx.TransportError as err:
+                    response, error = None, err
             reply, retry_after, last = self._outcome(url, response, error)
             if reply is not None:
                 return reply

@@ -166,6 +166,9 @@ class RemoteConfig:
     """Tries per request before giving up with an error."""
     backoff_s: float = 0.5
     """First retry delay; it doubles per try (with jitter, capped at 10 s). A 503's Retry-After is honoured."""
+    idle_timeout_s: float = 4.0
+    """How long an idle keep-alive connection is kept for reuse. Shorter than the server's
+    ``server.keep_alive_s`` (and any proxy's), so the client never sends on a connection the server is closing."""
 
 
 @dataclass
@@ -253,6 +256,30 @@ class ServerConfig:
     180 s client timeout, so OpenRLHF retries instead of dropping the reward)."""
     ray_address: str | None = None
     """Ray cluster to join (``auto``, or ``ray://HOST:10001``); None starts a local Ray instance."""
+    read_timeout_s: float = 30.0
+    """Longest a client may take to send a request's headers (from its first byte, or from the connection's
+    opening) and, separately, its body (from the end of the headers). Past it: 408 and the connection is closed,
+    so a stalled or slow client cannot hold a connection (or a shutdown) for as long as it likes."""
+    keep_alive_s: float = 75.0
+    """How long an idle keep-alive connection stays open. Longer than the idle timeout of common clients (httpx
+    5 s, aiohttp 15 s, steer-reward's client 4 s), so a client never reuses a connection the server is closing."""
+    shutdown_grace_s: float = 20.0
+    """On SIGTERM: requests in flight are answered for up to this long; waiting requests still unscored at 3/4
+    of it get 503 with Retry-After (clients retry elsewhere); whatever is left at the end is cut."""
+    oom_recovery_s: float = 60.0
+    """After an out-of-memory error halves the batch token budget, the budget doubles back (up to
+    ``max_batch_tokens``) after each such period without another one."""
+    stats_warmup_samples: int = 64
+    """With running normalization, /get_reward samples are held (up to ``stats_warmup_wait_ms``) until this many
+    have been scored, then shaped together with the statistics of all of them; afterwards the statistics update
+    once per model batch. 0: no warm-up."""
+    stats_warmup_wait_ms: float = 2000.0
+    """Longest a /get_reward request is held during the warm-up before the samples held so far are shaped."""
+    state_file: str | None = None
+    """JSON file holding the running normalization statistics: loaded at start when it exists, written every
+    ``state_save_s`` after updates and at shutdown (atomically), so a restarted server continues the statistics."""
+    state_save_s: float = 30.0
+    """Least time between two writes of ``state_file``."""
 
 
 @dataclass

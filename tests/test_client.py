@@ -5,7 +5,9 @@ same port while the client's retries deliver every reward."""
 from __future__ import annotations
 
 import asyncio
+import json
 import pickle
+import socket
 import threading
 import time
 
@@ -160,3 +162,91 @@ def test_server_killed_mid_run_and_restarted_every_reward_arrives(demo_model_pat
     assert killed_at < n and len(results) == n
     expected = reference.score(prompts, completions).attributes.values
     torch.testing.assert_close(torch.stack([results[i] for i in range(n)]), expected, atol=1e-4, rtol=1e-4)
+
+
+class _ScriptedServer:
+    """A loopback HTTP/1.1 server for the client's connection handling: it answers every request with a fixed
+    /score reply, keeping the connection open, except that the requests numbered in ``drop`` (counted over the
+    whole run, from 0) are read and then met with a closed connection and no reply, as when the server closes
+    an idle keep-alive connection just as the client reuses it."""
+
+    REPLY = json.dumps({"rewards": [0.5], "attributes": {"a": [1.5]}, "names": ["a"], "completion_lengths": [1],
+                        "prompt_truncated_tokens": [0], "completion_truncated_tokens": [0]}).encode()
+
+    def __init__(self, drop=()):
+        self.drop = set(drop)
+        self.requests = 0
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        data = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                number, self.requests = self.requests, self.requests + 1
+                if number in self.drop:
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(self.REPLY)).encode() + b"\r\n\r\n" + self.REPLY)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_connection_closed_under_a_request_is_resent_at_once_without_using_a_try(mode):
+    server = _ScriptedServer(drop={1})
+    scorer = RemoteScorer(server.url, retries=1, backoff_s=5.0)  # one try: a counted retry would fail the test
+
+    async def twice_async():
+        return [await scorer.ascore(["Hi"], ["Hello"]) for _ in range(2)]
+
+    try:
+        start = time.monotonic()
+        results = asyncio.run(twice_async()) if mode == "async" else [scorer.score(["Hi"], ["Hello"]) for _ in range(2)]
+        took = time.monotonic() - start
+    finally:
+        server.close()
+    assert [r.values.item() for r in results] == [1.5, 1.5]
+    assert server.requests == 3 and server.connections == 2  # the dropped request went again on a new connection
+    assert scorer._unhealthy_until[server.url] == 0.0  # not marked unhealthy
+    assert took < 5.0  # no backoff
+
+
+def test_idle_connections_are_dropped_before_the_server_closes_them():
+    from steer_reward.config import RemoteConfig, ServerConfig
+
+    assert RemoteConfig().idle_timeout_s < ServerConfig().keep_alive_s
+    server = _ScriptedServer()
+    scorer = RemoteScorer(server.url, retries=1, idle_timeout_s=0.2)
+    try:
+        scorer.score(["Hi"], ["Hello"])
+        scorer.score(["Hi"], ["Hello"])
+        assert server.connections == 1  # reused while fresh
+        time.sleep(0.5)
+        scorer.score(["Hi"], ["Hello"])
+        assert server.connections == 2  # idle past idle_timeout_s: a new connection, the old one is not risked
+    finally:
+        server.close()

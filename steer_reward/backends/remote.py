@@ -51,7 +51,8 @@ class RemoteAttributeScorer:
                               "--set 'remote.urls=[http://127.0.0.1:8000]'")
         token = remote.token or os.environ.get(remote.token_env) or None
         client = RemoteScorer([str(u) for u in remote.urls], token=token, timeout=remote.timeout_s,
-                              retries=remote.retries, backoff_s=remote.backoff_s)
+                              retries=remote.retries, backoff_s=remote.backoff_s,
+                              idle_timeout_s=remote.idle_timeout_s)
         info = client.info()
         client.max_items = int(info.get("limits", {}).get("max_items_per_request", client.max_items))
         wanted = config.model.schema
