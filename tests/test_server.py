@@ -120,7 +120,6 @@ CORPUS = [
     ("bool weight", "POST", "/score", _score(weights={"helpfulness": True}), {}, 422),
     ("too many items", "POST", "/score", _score(prompts=["Hi"] * 17, completions=["a"] * 17), {}, 413),
     ("oversize body", "POST", "/score", _score(completions=["x" * (MAX_BODY + 10)]), {}, 413),
-    ("completion over max_length", "POST", "/score", _score(completions=["hello world " * 400]), {}, 413),
     ("non-UTF-8 bytes", "POST", "/score", b'{"prompts": ["\xff\xfe"], "completions": ["a"]}', {}, 400),
     ("text/plain content type", "POST", "/score", _score(), {"Content-Type": "text/plain"}, 415),
     ("form content type", "POST", "/score", _score(), {"Content-Type": "application/x-www-form-urlencoded"}, 415),
@@ -217,6 +216,46 @@ def test_long_prompt_is_truncated_from_the_left_and_reported(client, reference):
     expected = reference.score([prompt], ["A fox jumps."])
     assert body["prompt_truncated_tokens"][0] == int(expected.attributes.prompt_truncated[0]) > 0
     torch.testing.assert_close(torch.tensor(body["rewards"]), expected.rewards, atol=1e-4, rtol=1e-4)
+
+
+def test_overlong_completion_is_scored_cut_and_reported_under_truncate(client, reference):
+    completions = ["Short answer.", "hello world " * 400]  # the second alone is over model.max_length
+    reply = client.post("/score", json={"prompts": ["Hi", "Hi"], "completions": completions}, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expected = reference.score(["Hi", "Hi"], completions)
+    assert body["completion_truncated_tokens"] == expected.attributes.completion_truncated.tolist()
+    assert body["completion_truncated_tokens"][0] == 0 and body["completion_truncated_tokens"][1] > 0
+    assert body["prompt_truncated_tokens"][1] > 0  # the whole prompt went before the completion was cut
+    torch.testing.assert_close(torch.tensor(body["rewards"]), expected.rewards, atol=1e-4, rtol=1e-4)
+
+
+def test_overlong_completion_is_a_413_naming_the_item_under_reject(demo_model_path):
+    from steer_reward.server.app import create_app
+
+    reward = SteerReward.from_config({"model": {"path": demo_model_path, "device": "cpu", "max_length": 64,
+                                                "overlong": "reject"}})
+    app = create_app(reward)
+
+    async def post(path, body):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server", timeout=60) as http:
+            return await http.post(path, json=body)
+
+    import asyncio
+
+    try:
+        ok = asyncio.run(post("/score", {"prompts": ["Hi", "Hi"], "completions": ["Fine.", "Also fine."]}))
+        assert ok.status_code == 200 and ok.json()["completion_truncated_tokens"] == [0, 0]
+        reply = asyncio.run(post("/score", {"prompts": ["Hi", "Hi", "Hi"],
+                                            "completions": ["Fine.", "hello world " * 100, "ok"]}))
+        assert reply.status_code == 413, reply.text
+        assert reply.json()["error"].startswith("item 1: ") and "model.max_length" in reply.json()["error"]
+        query = LLAMA3_PROMPT + "hello world " * 100 + "<|eot_id|>"
+        reply = asyncio.run(post("/get_reward", {"query": [query], "prompts": [LLAMA3_PROMPT]}))
+        assert reply.status_code == 413 and reply.json()["error"].startswith("query 0: ")
+    finally:
+        app.state.service.close()
 
 
 def test_empty_lists_get_empty_replies(client):

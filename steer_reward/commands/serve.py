@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import sys
 from typing import Any
 
 from steer_reward.commands.common import add_reward_args, reward_from_args
+from steer_reward.config import load_config, parse_override
 from steer_reward.errors import InputError, require_extra
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "reserve_port", "reachable_host", "is_loopback"]
 
 
 def register(subparsers: Any) -> None:
@@ -40,16 +43,56 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _replicas_asked(args: argparse.Namespace) -> bool:
-    from steer_reward.config import load_config, parse_override
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    config = load_config(args.config, dict(parse_override(o) for o in args.overrides))
-    return bool(config.server.replicas)
+
+def reachable_host(host: str) -> str:
+    """An address other machines can use for a server bound to ``host``: for a wildcard bind (0.0.0.0, ::), this
+    machine's outward IP address (the one its default route uses), else its hostname."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    family = socket.AF_INET6 if host == "::" else socket.AF_INET
+    probe = ("2001:db8::1", 9) if family == socket.AF_INET6 else ("192.0.2.1", 9)  # documentation ranges
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(probe)  # UDP connect sends nothing; it only picks the outgoing interface
+            address = sock.getsockname()[0]
+        if not ipaddress.ip_address(address).is_unspecified:
+            return f"[{address}]" if ":" in address else address
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) but not listening yet: the port is checked and held before the model
+    loads (clients get "connection refused", and fail over, until uvicorn listens on it). InputError when the
+    port is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                            flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise InputError(f"cannot bind --host {host!r}: {err.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT does not block
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise InputError(f"port {port} on {host} is already in use or not allowed ({err.strerror}); stop the "
+                         f"other server or choose another --port") from None
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
-    uvicorn = require_extra("uvicorn", "server")
-    from steer_reward.server.app import create_app
+    require_extra("uvicorn", "server")
+    from steer_reward.server.app import check_server_config, create_app
 
     for flag, key in (("host", "server.host"), ("port", "server.port"), ("max_wait_ms", "server.max_wait_ms"),
                       ("max_batch_tokens", "server.max_batch_tokens"), ("actor_tokenizer", "server.actor_tokenizer"),
@@ -61,19 +104,33 @@ def run(args: argparse.Namespace) -> int:
             args.overrides.append(f"{key}={value}")
     if args.model is None and args.config is None:
         raise InputError("give --model (a reward model folder, or 'demo') or --config with model.path")
-    if _replicas_asked(args):
+    # The port and the server settings are checked before the model loads (minutes for a large one).
+    server = load_config(args.config, dict(parse_override(o) for o in args.overrides)).server
+    check_server_config(server)
+    token = args.token or os.environ.get(server.token_env) or None
+    sock = reserve_port(server.host, server.port)
+    if not token and not is_loopback(server.host):
+        print(f"warning: serving on {server.host} without a token: anyone who can reach port {server.port} can "
+              f"use this reward model; set {server.token_env} (clients send 'Authorization: Bearer ...')",
+              file=sys.stderr, flush=True)
+    if server.replicas:
+        sock.close()  # Ray Serve's proxy binds the port itself; it was free a moment ago
         from steer_reward.commands.serve_ray import run_ray
 
         return run_ray(args)
-    reward = reward_from_args(args)
-    if reward.is_async:
-        raise InputError("the server needs an in-process model: backend 'remote' would forward to another server")
-    server = reward.config.server
-    token = args.token or os.environ.get(server.token_env) or None
-    app = create_app(reward, server, token)
-    where = f"http://{server.host}:{server.port}"
-    auth = "bearer token required" if token else f"no auth (set {server.token_env} to require a token)"
-    print(f"steer-reward serving {reward.config.model.path} at {where} ({auth}); OpenRLHF: "
-          f"--reward.remote_url {where}/get_reward", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=server.host, port=server.port, log_level=args.log_level, access_log=False)
+    try:
+        reward = reward_from_args(args)
+        if reward.is_async:
+            raise InputError("the server needs an in-process model: backend 'remote' would forward to another server")
+        server = reward.config.server
+        app = create_app(reward, server, token)
+        from steer_reward.server.transport import serve
+
+        where = f"http://{reachable_host(server.host)}:{server.port}"
+        auth = "bearer token required" if token else f"no auth (set {server.token_env} to require a token)"
+        print(f"steer-reward serving {reward.config.model.path} at {where} ({auth}); OpenRLHF: "
+              f"--reward.remote_url {where}/get_reward", file=sys.stderr, flush=True)
+        serve(app, app.state.service, server.host, server.port, sock=sock, log_level=args.log_level)
+    finally:
+        sock.close()
     return 0

@@ -2,13 +2,19 @@
 
 Request handlers check and tokenize (on one encoder thread, so the event loop keeps accepting and the model
 worker only runs forwards); the ``DynamicBatcher`` merges the samples of concurrent requests into one scorer call;
-shaping runs back in the handler with the request's own weights. Every reply is JSON, errors included (OpenRLHF
-retries 5 times and then drops the reward, so an error must say what was wrong, at once).
+shaping runs back in the handler with the request's own weights (``/get_reward``'s running statistics are updated
+and applied once per model batch, ``TrainingStatistics``). Every reply is JSON, errors included (OpenRLHF retries
+5 times and then drops the reward, so an error must say what was wrong, at once).
+
+Each POST handler runs as its own task, raced against its client: a body slower than ``server.read_timeout_s``
+gets 408, and a client that disconnects has its work dropped (cancelled before the model sees it) and is counted
+as 499 instead of being logged as a server error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import inspect
@@ -18,24 +24,43 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Mapping
 
-from steer_reward.config import ServerConfig
+from steer_reward.config import ConfigError, ServerConfig
 from steer_reward.errors import InputError, require_extra
 from steer_reward.formatting import FormattingError
 from steer_reward.monitors import SERVER_WINDOW, LengthCorrelationWindow
 from steer_reward.schema import SchemaError
-from steer_reward.server.batcher import BatcherStopped, DynamicBatcher, QueueFull
+from steer_reward.server.batcher import BatcherStopped, DynamicBatcher, QueueFull, is_out_of_memory
 from steer_reward.server.metrics import ServerMetrics
 from steer_reward.server.actor_templates import ActorTemplate
 from steer_reward.server.openrlhf import (QueryParser, SampleFailure, check_openrlhf_options, empty_reply,
                                           openrlhf_reply)
 from steer_reward.server.requests import ApiError, parse_reward_request, parse_score_request, read_json
+from steer_reward.server.training_stats import TRAINING, TrainingStatistics
 
-__all__ = ["RewardService", "create_app"]
+__all__ = ["RewardService", "ClientGone", "create_app", "check_server_config"]
 
 logger = logging.getLogger("steer_reward.server")
 
 _OPEN_PATHS = ("/health",)
 """Paths answered without the bearer token (load balancers probe them)."""
+
+CLIENT_CLOSED = 499
+"""Status recorded (never sent) for a request whose client disconnected first (nginx's convention)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its reply; its work is dropped and nothing is sent."""
+
+
+def check_server_config(config: ServerConfig) -> None:
+    """ConfigError naming the ``server.*`` key whose value cannot work."""
+    for key in ("read_timeout_s", "keep_alive_s", "shutdown_grace_s", "oom_recovery_s", "state_save_s",
+                "max_batch_tokens", "max_queue", "max_body_bytes", "max_items_per_request"):
+        if not getattr(config, key) > 0:
+            raise ConfigError(f"server.{key} must be positive, got {getattr(config, key)}")
+    for key in ("max_wait_ms", "stats_warmup_samples", "stats_warmup_wait_ms", "prompt_cache_tokens"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"server.{key} must be 0 or more, got {getattr(config, key)}")
 
 
 def _finite(values: list[float]) -> list[float | None]:
@@ -48,12 +73,20 @@ class RewardService:
     def __init__(self, reward: Any, config: ServerConfig | None = None, token: str | None = None) -> None:
         self.reward = reward
         self.config = config or ServerConfig()
+        check_server_config(self.config)
         self.token = token or None
         self.scorer = reward.scorer
         backend = getattr(self.scorer, "backend", None)
         if hasattr(backend, "set_prompt_cache_tokens"):
             # Only the model worker thread scores, so the cache needs no lock.
             backend.set_prompt_cache_tokens(self.config.prompt_cache_tokens)
+        self.update_stats = reward.shaper.updates_in_training
+        self.training: TrainingStatistics | None = None
+        if reward.shaper.has_running_state:
+            # Loads server.state_file; saves it only when /get_reward updates the statistics.
+            self.training = TrainingStatistics(reward, self.config.stats_warmup_samples,
+                                               self.config.stats_warmup_wait_ms / 1000.0, self.config.state_file,
+                                               self.config.state_save_s)
         self.metrics = ServerMetrics(lambda: self.batcher.pending_samples)
         # OpenRLHF sends one sample per request: length correlations are taken over the last samples served.
         self.length_window = LengthCorrelationWindow(reward.schema.live_names, SERVER_WINDOW)
@@ -62,17 +95,27 @@ class RewardService:
             self.metrics.count_prompt_prefills(lambda: backend.prompt_prefills)
         self.batcher = DynamicBatcher(self.scorer.score_encoded, max_wait_ms=self.config.max_wait_ms,
                                       max_batch_tokens=self.config.max_batch_tokens, max_queue=self.config.max_queue,
-                                      on_batch=self.metrics.observe_batch)
+                                      on_batch=self.metrics.observe_batch,
+                                      finish=self.training.finish if self.training and self.update_stats else None,
+                                      oom_recovery_s=self.config.oom_recovery_s, on_oom=self.metrics.observe_oom)
+        self.metrics.batch_token_budget.set_function(lambda: self.batcher.batch_token_budget)
+        if self.training is not None:
+            self.metrics.stats_samples.set_function(lambda: self.training.samples_seen)
         # One thread: Hugging Face fast tokenizers are not safe to call from several threads at once.
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-reward-encoder")
         self._variants: dict[str, Any] = {}
         tokenizer = self.scorer.tokenizer
         self.end_tokens = tuple(t for t in (getattr(tokenizer, "eos_token", None),) if t)
-        self.update_stats = reward.shaper.updates_in_training
         # /get_reward: the actor's chat template is read (and checked) now, not at the first request.
         check_openrlhf_options(self.config)
         actor = ActorTemplate.from_tokenizer(self.config.actor_tokenizer) if self.config.actor_tokenizer else None
         self.query_parser = QueryParser(actor, self.end_tokens, self.config.strip_reasoning)
+        self.overlong = getattr(reward.config.model, "overlong", "truncate")
+        self.draining = False
+        """True once shutdown began: new scoring requests get 503 so clients go to another server."""
+        self._readers: set[_BodyReader] = set()
+        """The POST requests in flight (event loop only)."""
+        self._closed = False
 
     # -- pieces the handlers share ------------------------------------------------------------------------
     def authorize(self, request: Any) -> None:
@@ -97,24 +140,70 @@ class RewardService:
             self._variants[key] = self.reward.with_weights(spec)
         return self._variants[key]
 
-    async def encode(self, prompts: list, completions: list) -> list:
-        samples = await asyncio.get_running_loop().run_in_executor(self.encoder, self.scorer.encode, prompts,
-                                                                    completions)
-        limit = self.scorer.formatter.max_length
-        for i, sample in enumerate(samples):
-            if sample.completion_truncated:
-                tokens = len(sample.completion_ids) + sample.completion_truncated
-                raise ApiError(413, f"item {i}: the completion alone has {tokens} tokens, more than the model's {limit} "
-                                    f"(model.max_length); it cannot be scored without cutting the response")
+    async def encode(self, prompts: list, completions: list, item: str = "item") -> list:
+        """Encoded samples; under ``model.overlong: reject`` a completion longer than ``model.max_length`` alone is
+        a 413 naming its index (``item``, e.g. "query" for /get_reward). Under ``truncate`` it is scored cut and
+        reported per sample."""
+        loop = asyncio.get_running_loop()
+        try:
+            samples = await loop.run_in_executor(self.encoder, self.scorer.encode, prompts, completions)
+        except FormattingError as err:
+            if self.overlong == "reject":
+                index = await loop.run_in_executor(self.encoder, self._first_overlong, prompts, completions)
+                if index is not None:
+                    raise ApiError(413, f"{item} {index}: {err}") from None
+            raise
+        if self.overlong == "reject":
+            for i, sample in enumerate(samples):
+                if sample.completion_truncated:
+                    raise ApiError(413, self._overlong_message(item, i, len(sample.completion_ids)
+                                                               + sample.completion_truncated))
         return samples
 
-    async def attributes(self, prompts: list, completions: list) -> Any:
-        samples = await self.encode(prompts, completions)
-        attributes = await self.batcher.submit(samples)
+    def _first_overlong(self, prompts: list, completions: list) -> int | None:
+        """Index of the first completion that alone exceeds ``model.max_length`` (encoder thread)."""
+        formatter = self.scorer.formatter
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                _, text = formatter.texts(prompt, completion)
+            except FormattingError:
+                continue
+            if len(self.scorer.tokenizer(text, add_special_tokens=False)["input_ids"]) > formatter.max_length:
+                return i
+        return None
+
+    def _overlong_message(self, item: str, index: int, tokens: int) -> str:
+        limit = self.scorer.formatter.max_length
+        return (f"{item} {index}: the completion alone has {tokens} tokens, more than model.max_length ({limit}); "
+                f"model.overlong is 'reject' ('truncate' scores its last {limit} tokens and reports the cut)")
+
+    async def _submit(self, samples: list, tag: Any = None) -> Any:
+        result = await self.batcher.submit(samples, tag)
+        if isinstance(result, concurrent.futures.Future):  # held for the statistics' warm-up
+            result = await asyncio.wrap_future(result)
+        attributes = getattr(result, "attributes", result)
         truncated = int(attributes.prompt_truncated.sum())
         if truncated:
             self.metrics.prompt_truncated.inc(truncated)
-        return attributes
+        cut = int(attributes.completion_truncated.sum())
+        if cut:
+            self.metrics.completion_truncated.inc(cut)
+        return result
+
+    async def attributes(self, prompts: list, completions: list) -> Any:
+        """``AttributeScores`` of the pairs, scored in a shared batch (``/score``: statistics untouched)."""
+        return await self._submit(await self.encode(prompts, completions))
+
+    async def training_rewards(self, prompts: list, completions: list) -> Any:
+        """``ScoredBatch`` for ``/get_reward``: with running normalization, the statistics are updated once per
+        model batch with all of its /get_reward samples and every sample is shaped with them."""
+        samples = await self.encode(prompts, completions, item="query")
+        if self.training is not None and self.update_stats:
+            return await self._submit(samples, TRAINING)
+        from steer_reward.reward import ScoredBatch
+
+        attributes = await self._submit(samples)
+        return ScoredBatch(attributes, self.reward.rewards(attributes))
 
     def monitor(self, attributes: Any, rewards: Any) -> None:
         """Add served samples to the length-correlation window, under the server's own weights."""
@@ -142,12 +231,36 @@ class RewardService:
                 "max_batch_tokens": self.config.max_batch_tokens,
                 "max_wait_ms": self.config.max_wait_ms,
                 "max_queue": self.config.max_queue,
+                "read_timeout_s": self.config.read_timeout_s,
+                "keep_alive_s": self.config.keep_alive_s,
+                "overlong": self.overlong,
             },
             "auth": self.token is not None,
         }
 
-    def close(self) -> None:
-        self.batcher.stop()
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Shutdown began (SIGTERM): refuse new scoring requests with 503; at 3/4 of ``grace_s`` fail the
+        requests still waiting for the model or still sending their body with 503 + Retry-After, so they are
+        answered before the grace period ends (the batch in progress keeps the last quarter). Called on the event
+        loop."""
+        self.draining = True
+        asyncio.get_running_loop().call_later(0.75 * grace_s, self._cut_waiting)
+
+    def _cut_waiting(self) -> None:
+        self.batcher.stop(timeout=0)
+        for reader in list(self._readers):
+            if not reader.complete.is_set() and reader.task is not None:
+                reader.cut = True
+                reader.task.cancel()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the model worker (waiting requests get 503), shape what the warm-up still holds, write the state."""
+        if self._closed:
+            return
+        self._closed = True
+        self.batcher.stop(timeout=timeout_s)
+        if self.training is not None:
+            self.training.close()
         self.encoder.shutdown(wait=False, cancel_futures=True)
 
     # -- endpoints ----------------------------------------------------------------------------------------
@@ -158,7 +271,7 @@ class RewardService:
         names = list(self.reward.schema.names)
         if not body.prompts:
             return {"rewards": [], "attributes": {n: [] for n in names}, "names": names,
-                    "completion_lengths": [], "prompt_truncated_tokens": []}
+                    "completion_lengths": [], "prompt_truncated_tokens": [], "completion_truncated_tokens": []}
         attributes = await self.attributes(body.prompts, body.completions)
         rewards = variant.rewards(attributes)
         self.monitor(attributes, rewards if variant is self.reward else self.reward.rewards(attributes))
@@ -169,6 +282,7 @@ class RewardService:
             "live": list(self.reward.schema.live_names),
             "completion_lengths": attributes.completion_lengths.tolist(),
             "prompt_truncated_tokens": attributes.prompt_truncated.tolist(),
+            "completion_truncated_tokens": attributes.completion_truncated.tolist(),
         }
 
     async def get_reward(self, request: Any) -> dict:
@@ -203,12 +317,10 @@ class RewardService:
                              failures: list[SampleFailure]) -> tuple[list[int], Any]:
         """(indices scored, their ``ScoredBatch``); samples that cannot be encoded join ``failures``. The batch is
         encoded whole first; only when that fails is each sample tried alone, to name the ones at fault."""
-        from steer_reward.reward import ScoredBatch
-
         if not index:
             return [], None
         try:
-            attributes = await self.attributes(prompts, completions)
+            scored = await self.training_rewards(prompts, completions)
         except _SAMPLE_ERRORS as batch_error:
             keep = []
             for j, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -225,9 +337,8 @@ class RewardService:
             index = [index[j] for j in keep]
             if not index:
                 return [], None
-            attributes = await self.attributes(prompts, completions)
-        scored = ScoredBatch(attributes, self.reward.rewards(attributes, update_stats=self.update_stats))
-        self.monitor(attributes, scored.rewards)
+            scored = await self.training_rewards(prompts, completions)
+        self.monitor(scored.attributes, scored.rewards)
         return index, scored
 
 
@@ -241,17 +352,91 @@ def _error_reply(JSONResponse: Any, status: int, message: str, headers: Mapping[
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=dict(headers or {}))
 
 
+class _BodyReader:
+    """The request's ASGI ``receive`` with a deadline on the body and an event set once the body is complete.
+
+    uvicorn bounds nothing once the headers are in: a client that sends less than its Content-Length would hold
+    the handler (and a graceful shutdown) for as long as it likes.
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[dict]], timeout_s: float) -> None:
+        self.raw = receive
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.complete = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        """The handler's task, once started."""
+        self.cut = False
+        """True when shutdown cancelled the handler (answered 503, not counted as a client leaving)."""
+
+    async def __call__(self) -> dict:
+        if self.complete.is_set():
+            return await self.raw()
+        try:
+            message = await asyncio.wait_for(self.raw(), max(0.001, self.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                f"(server.read_timeout_s); send the whole body at once") from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.complete.set()
+        return message
+
+    async def client_left(self) -> None:
+        """Returns when the client disconnects (ASGI ``http.disconnect``), watched once the body is read."""
+        await self.complete.wait()
+        while (await self.raw())["type"] != "http.disconnect":
+            pass
+
+
+async def _race_client(handler: Callable[[Any], Awaitable[Any]], request: Any, reader: _BodyReader) -> Any:
+    """``handler(request)``, cancelled (its batcher entry dropped) if the client disconnects first."""
+    task = reader.task = asyncio.ensure_future(handler(request))
+    watcher = asyncio.ensure_future(reader.client_left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client left, or this request is being cancelled (end of the shutdown grace)
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        if reader.cut:
+            raise BatcherStopped("the server is shutting down; retry on another server")
+        raise ClientGone()
+    return task.result()
+
+
+def _error_reply(JSONResponse: Any, status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=dict(headers or {}))
+
+
 def _endpoint(service: RewardService, name: str, handler: Callable[[Any], Awaitable[Any]], JSONResponse: Any,
-              Request: type) -> Callable:
-    """Wraps a handler: auth, error → JSON reply with the right status, request metrics. A handler returns a
-    dict (sent as JSON) or a ready response."""
+              Request: type, ClientDisconnect: type) -> Callable:
+    """Wraps a handler: auth, body deadline, client disconnect, error → JSON reply with the right status, request
+    metrics. A handler returns a dict (sent as JSON) or a ready response."""
 
     async def run(request):
         start = time.perf_counter()
+        reader = _BodyReader(request.receive, service.config.read_timeout_s)
         try:
             service.authorize(request)
-            result = await handler(request)
+            if request.method == "POST":
+                if service.draining:
+                    raise ApiError(503, "the server is shutting down; retry on another server", {"Retry-After": "1"})
+                service._readers.add(reader)
+                try:
+                    result = await _race_client(handler, Request(request.scope, reader), reader)
+                finally:
+                    service._readers.discard(reader)
+            else:
+                result = await handler(request)
             reply = JSONResponse(result) if isinstance(result, dict) else result
+        except (ClientGone, ClientDisconnect):
+            logger.info("%s: the client disconnected before its reply; its work was dropped", name)
+            reply = _error_reply(JSONResponse, CLIENT_CLOSED, "the client closed the connection")
         except ApiError as err:
             reply = _error_reply(JSONResponse, err.status, err.message, err.headers)
         except (SchemaError, FormattingError, InputError) as err:
@@ -261,9 +446,24 @@ def _endpoint(service: RewardService, name: str, handler: Callable[[Any], Awaita
             reply = _error_reply(JSONResponse, 503, str(err), {"Retry-After": str(err.retry_after_s)})
         except BatcherStopped as err:
             reply = _error_reply(JSONResponse, 503, str(err), {"Retry-After": "1"})
+        except asyncio.CancelledError:
+            # uvicorn cancels what is left when the shutdown grace period ends: fail it cleanly, in JSON.
+            reply = _error_reply(JSONResponse, 503, "the server shut down before this request was scored; retry on "
+                                                    "another server", {"Retry-After": "1"})
         except Exception as err:  # noqa: BLE001 - a bug must still answer JSON, and the server keeps serving
-            logger.exception("%s failed", name)
-            reply = _error_reply(JSONResponse, 500, f"internal error: {type(err).__name__}: {err}")
+            if is_out_of_memory(err):
+                logger.error("%s: out of memory even alone: %s", name, err)
+                reply = _error_reply(JSONResponse, 503, f"the server ran out of memory scoring this request alone "
+                                                        f"({err}); send fewer or shorter samples per request",
+                                     {"Retry-After": "5"})
+            else:
+                logger.exception("%s failed", name)
+                reply = _error_reply(JSONResponse, 500, f"internal error: {type(err).__name__}: {err}")
+        has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+        if service.draining or (has_body and not reader.complete.is_set()):
+            # Answered before the whole body was read: close, so the rest of it is neither parsed as a next request
+            # nor allowed to trickle in forever.
+            reply.headers["Connection"] = "close"
         service.metrics.requests.labels(name, str(reply.status_code)).inc()
         service.metrics.latency.labels(name).observe(time.perf_counter() - start)
         return reply
@@ -284,18 +484,21 @@ def create_app(reward: Any, config: ServerConfig | None = None, token: str | Non
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     service = RewardService(reward, config, token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        service.close()
+        await asyncio.to_thread(service.close)  # off the event loop: replies still being sent go out
 
     app = FastAPI(title="steer-reward", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
     async def health(request) -> dict:
+        if service.draining:
+            raise ApiError(503, "the server is shutting down")
         if not service.batcher.alive:
             raise ApiError(503, "the model worker is not running")
         return {"status": "ok", "pending_samples": service.batcher.pending_samples}
@@ -308,7 +511,8 @@ def create_app(reward: Any, config: ServerConfig | None = None, token: str | Non
 
     for path, method, handler in (("/score", "POST", service.score), ("/get_reward", "POST", service.get_reward),
                                   ("/health", "GET", health), ("/info", "GET", info), ("/metrics", "GET", metrics)):
-        app.add_api_route(path, _endpoint(service, path, handler, JSONResponse, Request), methods=[method])
+        app.add_api_route(path, _endpoint(service, path, handler, JSONResponse, Request, ClientDisconnect),
+                          methods=[method])
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):  # unknown path (404), wrong method (405): JSON like every other reply

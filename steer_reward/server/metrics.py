@@ -1,5 +1,5 @@
 """Prometheus metrics of the reward server: requests, latency, batch sizes, tokens, queue depth, length
-correlations, OpenRLHF fallbacks.
+correlations, OpenRLHF fallbacks, faults.
 
 Each server gets its own registry, so several apps in one process (tests) never collide.
 """
@@ -64,6 +64,23 @@ class ServerMetrics:
             "steer_reward_reward_failures", "/get_reward samples answered with server.fallback_reward, by reason "
             "(query: unparseable; format: could not be formatted or encoded; non_finite: NaN/inf reward)",
             ["reason"], registry=self.registry)
+        self.completion_truncated = prom.Counter("steer_reward_completion_tokens_truncated",
+                                                 "Completion tokens cut because the completion alone exceeded "
+                                                 "model.max_length (model.overlong: truncate)", registry=self.registry)
+        self.out_of_memory = prom.Counter("steer_reward_out_of_memory", "Out-of-memory errors of the model; each "
+                                          "halves the batch token budget", registry=self.registry)
+        self.batch_token_budget = prom.Gauge("steer_reward_batch_token_budget", "Token budget batches are cut to "
+                                             "now (server.max_batch_tokens, less after out-of-memory errors)",
+                                             registry=self.registry)
+        self.failed_requests = prom.Counter("steer_reward_isolated_failures", "Requests that failed alone after "
+                                            "their batch was split to isolate them", registry=self.registry)
+        self.isolation_calls = prom.Counter("steer_reward_isolation_calls", "Extra scorer calls made to isolate "
+                                            "failing requests in a failed batch", registry=self.registry)
+        self.read_timeouts = prom.Counter("steer_reward_read_timeouts", "Connections closed because their request "
+                                          "headers did not arrive within server.read_timeout_s",
+                                          registry=self.registry)
+        self.stats_samples = prom.Gauge("steer_reward_running_stats_samples", "Samples in the running "
+                                        "normalization statistics", registry=self.registry)
 
     def count_prompt_prefills(self, read: Callable[[], float]) -> None:
         """Expose ``read()``, the backend's running count of prompts run through the model, as
@@ -80,6 +97,14 @@ class ServerMetrics:
         self.batch_seconds.observe(stats.seconds)
         self.samples.inc(stats.samples)
         self.tokens.inc(stats.tokens)
+        if stats.failed_requests:
+            self.failed_requests.inc(stats.failed_requests)
+        if stats.retries:
+            self.isolation_calls.inc(stats.retries)
+
+    def observe_oom(self, tokens: int, budget: int) -> None:
+        """An out-of-memory error on a batch of ``tokens`` shrank the budget to ``budget`` (worker thread)."""
+        self.out_of_memory.inc()
 
     def watch_length(self, window) -> None:
         """Gauges ``steer_reward_length_spearman{series="reward"|<attribute>}``, read from a
