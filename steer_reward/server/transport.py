@@ -19,77 +19,100 @@ What uvicorn 0.54 offers and what is added here:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 from typing import Any, Callable
 
-__all__ = ["header_deadline_protocol", "serve"]
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["HeaderDeadlineProtocol", "GracefulServer", "serve"]
 
 
-def header_deadline_protocol(read_timeout_s: float, on_timeout: Callable[[], None] | None = None) -> type:
-    """uvicorn's h11 protocol class with a deadline on request headers.
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers.
 
     The clock starts when the connection opens and again at the first byte of each next request (idle time
     between requests is the keep-alive's business); it stops when the request line and headers are complete.
+    Past ``read_timeout_s``: 408 (when part of a request came) and the connection is closed.
     """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    def __init__(self, *args: Any, read_timeout_s: float = 30.0, on_timeout: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
+        self.on_timeout = on_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._got_bytes = False
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.read_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = self._got_bytes or bool(data)
+        super().data_received(data)
+        if self.transport.is_closing():
+            self._disarm()
+        elif self.conn.their_state is h11.IDLE:
+            self._arm()  # part of a next request's head is in: its clock runs
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._got_bytes = False
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._got_bytes = True
+            self._arm()  # a pipelined next request is partly in
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a reply is still being written (pipelining); the keep-alive takes over after it
+        if self.on_timeout is not None:
+            self.on_timeout()
+        if self._got_bytes and self.conn.trailing_data[0]:
+            self.transport.write(_timeout_reply(self.read_timeout_s))  # part of a request came: say why it goes
+        self.transport.close()
+
+
+@functools.lru_cache(maxsize=8)
+def _timeout_reply(read_timeout_s: float) -> bytes:
     body = json.dumps({"error": f"the request headers did not arrive within {read_timeout_s:g} s "
                                 f"(server.read_timeout_s)", "status": 408}).encode()
-    timeout_reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
-                     + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
-    class HeaderDeadlineProtocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            self._header_timer: asyncio.TimerHandle | None = None
-            self._got_bytes = False
-            super().connection_made(transport)
-            self._arm()
 
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(read_timeout_s, self._header_timeout)
+class GracefulServer(uvicorn.Server):
+    """``uvicorn.Server`` that tells the app when shutdown begins (``on_shutdown()``), before uvicorn closes the
+    listeners and waits up to ``timeout_graceful_shutdown`` for requests in flight."""
 
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
 
-        def data_received(self, data: bytes) -> None:
-            self._got_bytes = self._got_bytes or bool(data)
-            super().data_received(data)
-            if self.transport.is_closing():
-                self._disarm()
-            elif self.conn.their_state is h11.IDLE:
-                self._arm()  # part of a next request's head is in: its clock runs
-            else:
-                self._disarm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _header_timeout(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-                return
-            if self.cycle is not None and not self.cycle.response_complete:
-                return  # a reply is still being written (pipelining); the keep-alive takes over after it
-            if on_timeout is not None:
-                on_timeout()
-            if self._got_bytes and self.conn.trailing_data[0]:
-                self.transport.write(timeout_reply)  # part of a request came: say why it is dropped
-            self.transport.close()
-
-        def on_response_complete(self) -> None:
-            self._got_bytes = False
-            super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-                self._got_bytes = True
-                self._arm()  # a pipelined next request is partly in
-
-    return HeaderDeadlineProtocol
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets=sockets)
 
 
 def serve(app: Any, service: Any, host: str, port: int, sock: socket.socket | None = None,
@@ -99,18 +122,11 @@ def serve(app: Any, service: Any, host: str, port: int, sock: socket.socket | No
     ``sock``: an already bound (not yet listening) socket, so the port was checked and held before the model
     loaded; uvicorn starts listening on it.
     """
-    import uvicorn
-
     config = service.config
-    uv_config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False,
-        http=header_deadline_protocol(config.read_timeout_s, service.metrics.read_timeouts.inc),
-        timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.shutdown_grace_s,
-    )
-
-    class GracefulServer(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            service.begin_shutdown(config.shutdown_grace_s)
-            await super().shutdown(sockets=sockets)
-
-    GracefulServer(uv_config).run(sockets=[sock] if sock is not None else None)
+    protocol = functools.partial(HeaderDeadlineProtocol, read_timeout_s=config.read_timeout_s,
+                                 on_timeout=service.metrics.read_timeouts.inc)
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, http=protocol,
+                               timeout_keep_alive=config.keep_alive_s,
+                               timeout_graceful_shutdown=config.shutdown_grace_s)
+    server = GracefulServer(uv_config, lambda: service.begin_shutdown(config.shutdown_grace_s))
+    server.run(sockets=[sock] if sock is not None else None)
