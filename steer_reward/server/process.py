@@ -70,6 +70,21 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"the server did not answer /health within {self.startup_timeout_s} s")
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (Linux ``/proc``)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc/PID/status")
+
+    def open_fds(self) -> int:
+        """Open file descriptors of the server process (sockets included; Linux ``/proc``)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
     def kill(self) -> None:
         """SIGKILL, no clean shutdown: what a crash looks like to clients."""
         if self.process is not None and self.process.poll() is None:
