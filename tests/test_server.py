@@ -251,9 +251,13 @@ def test_overlong_completion_is_a_413_naming_the_item_under_reject(demo_model_pa
                                             "completions": ["Fine.", "hello world " * 100, "ok"]}))
         assert reply.status_code == 413, reply.text
         assert reply.json()["error"].startswith("item 1: ") and "model.max_length" in reply.json()["error"]
-        query = LLAMA3_PROMPT + "hello world " * 100 + "<|eot_id|>"
-        reply = asyncio.run(post("/get_reward", {"query": [query], "prompts": [LLAMA3_PROMPT]}))
-        assert reply.status_code == 413 and reply.json()["error"].startswith("query 0: ")
+        # /get_reward never answers an error for one sample (OpenRLHF would stop): the fallback reward, reported.
+        queries = [LLAMA3_PROMPT + "Fine.<|eot_id|>", LLAMA3_PROMPT + "hello world " * 100 + "<|eot_id|>"]
+        reply = asyncio.run(post("/get_reward", {"query": queries, "prompts": [LLAMA3_PROMPT] * 2}))
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["extra_logs"]["reward_failed"] == [0.0, 1.0]
+        assert body["failures"][0]["index"] == 1 and "model.max_length" in body["failures"][0]["error"]
     finally:
         app.state.service.close()
 
