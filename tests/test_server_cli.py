@@ -19,25 +19,18 @@ from steer_reward.server.process import ServerProcess, free_port  # noqa: E402
 MODEL_LOADED = "RANDOM weights"  # the demo model's note, printed once the model is loaded
 
 
-def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steer_reward.cli", "serve", "--model", "demo", *args],
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_a_port_in_use_is_one_line_and_exit_2_before_the_model_loads():
+def test_a_taken_port_and_an_impossible_setting_are_one_line_and_exit_2_before_the_model_loads():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = serve("--port", str(port))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"port {port} on 127.0.0.1 is already in use" in lines[0], result.stderr
-    assert MODEL_LOADED not in result.stderr
-
-
-def test_an_impossible_server_setting_names_its_key_before_the_model_loads():
-    result = serve("--port", str(free_port()), "--set", "server.read_timeout_s=0")
-    assert result.returncode == 2
-    assert "server.read_timeout_s must be positive" in result.stderr and MODEL_LOADED not in result.stderr
+        command = [sys.executable, "-m", "steer_reward.cli", "serve", "--model", "demo"]
+        runs = [subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for args in (["--port", str(port)], ["--port", str(free_port()), "--set", "server.read_timeout_s=0"])]
+        (_, in_use), (_, setting) = (run.communicate(timeout=300) for run in runs)
+    assert [run.returncode for run in runs] == [2, 2], (in_use, setting)
+    lines = in_use.strip().splitlines()
+    assert len(lines) == 1 and f"port {port} on 127.0.0.1 is already in use" in lines[0], in_use
+    assert "server.read_timeout_s must be positive" in setting
+    assert MODEL_LOADED not in in_use + setting
 
 
 def test_reachable_host_never_gives_a_wildcard():

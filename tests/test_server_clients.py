@@ -21,7 +21,6 @@ pytest.importorskip("fastapi")
 from steer_reward.server.process import ServerProcess  # noqa: E402
 
 READ_TIMEOUT = 2.0
-KEEP_ALIVE = 7.0
 GOOD = {"prompts": ["What is 2 + 2?", "Name a colour."], "completions": ["4", "Blue."]}
 
 
@@ -30,7 +29,7 @@ def server(tmp_path_factory, demo_model_path):
     folder = tmp_path_factory.mktemp("clients")
     config = folder / "server.yaml"
     config.write_text(yaml.safe_dump({"model": {"path": demo_model_path, "device": "cpu"},
-                                      "server": {"read_timeout_s": READ_TIMEOUT, "keep_alive_s": KEEP_ALIVE}}))
+                                      "server": {"read_timeout_s": READ_TIMEOUT}}))
     with ServerProcess(["--config", str(config)], log_path=folder / "server.log") as process:
         yield process
 
@@ -136,20 +135,6 @@ def test_a_megabyte_of_junk_gets_a_4xx_and_the_server_keeps_serving(server):
     good_request(server)
 
 
-def test_keep_alive_outlives_common_client_idle_timeouts_then_closes(server):
-    sock = connect(server)
-    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-    sock.sendall(request)
-    assert read_reply(sock)[0] == 200
-    time.sleep(5.5)  # past uvicorn's default 5 s keep-alive, and httpx's 5 s idle expiry
-    sock.sendall(request)
-    assert read_reply(sock)[0] == 200  # the same connection still serves
-    start = time.monotonic()
-    assert closed_by_server(sock)  # ... and is closed after server.keep_alive_s idle
-    assert KEEP_ALIVE - 1 <= time.monotonic() - start < KEEP_ALIVE + 10
-    sock.close()
-
-
 def _score_body(n: int, tag: str) -> bytes:
     return json.dumps({"prompts": [f"{tag} question {i}: tell me about number {i}." for i in range(n)],
                        "completions": [f"Number {i} is fine, because " + "it is. " * 10 for i in range(n)]}).encode()
@@ -238,20 +223,14 @@ KEEPALIVE_CONNECTIONS = int(os.environ.get("STEER_REWARD_KEEPALIVE_CONNECTIONS",
 KEEPALIVE_REQUESTS = int(os.environ.get("STEER_REWARD_KEEPALIVE_REQUESTS", 4))
 
 
-@pytest.mark.slow
-def test_clients_reusing_connections_after_5_s_idle_never_meet_a_closed_one(tmp_path, demo_model_path):
+def test_clients_reusing_connections_after_5_s_idle_never_meet_a_closed_one(server):
     """httpx (5 s idle expiry) reusing connections after idle gaps of 4.95-5.05 s: against uvicorn's former 5 s
-    keep-alive, about 2 % of such reuses met a connection the server was closing (RemoteProtocolError); the
-    default server.keep_alive_s (75 s) outlives the client's idle timeout, so none do.
-    STEER_REWARD_KEEPALIVE_SERVER_S=5 runs the same against a 5 s keep-alive."""
+    keep-alive, about 1 % of such reuses met a connection the server was closing (RemoteProtocolError, ReadError);
+    the default server.keep_alive_s (75 s) outlives the client's idle timeout, so none do.
+    ``STEER_REWARD_KEEPALIVE_SERVER_S=5`` runs the same against a server of its own with a 5 s keep-alive."""
     import asyncio
     import random
 
-    server_settings = {}
-    if "STEER_REWARD_KEEPALIVE_SERVER_S" in os.environ:
-        server_settings["keep_alive_s"] = float(os.environ["STEER_REWARD_KEEPALIVE_SERVER_S"])
-    config = tmp_path / "server.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": demo_model_path, "device": "cpu"}, "server": server_settings}))
     outcomes: dict[str, int] = {}
 
     async def connection(url: str, c: int) -> None:
@@ -269,7 +248,15 @@ def test_clients_reusing_connections_after_5_s_idle_never_meet_a_closed_one(tmp_
     async def everyone(url: str) -> None:
         await asyncio.gather(*(connection(url, c) for c in range(KEEPALIVE_CONNECTIONS)))
 
-    with ServerProcess(["--config", str(config)], log_path=tmp_path / "server.log") as server:
+    if "STEER_REWARD_KEEPALIVE_SERVER_S" in os.environ:
+        folder = server.log_path.parent
+        config = folder / "keepalive.yaml"
+        keep_alive = float(os.environ["STEER_REWARD_KEEPALIVE_SERVER_S"])
+        config.write_text(yaml.safe_dump({"model": {"path": "demo", "device": "cpu"},
+                                          "server": {"keep_alive_s": keep_alive}}))
+        with ServerProcess(["--config", str(config)], log_path=folder / "keepalive.log") as own:
+            asyncio.run(everyone(own.url))
+    else:
         asyncio.run(everyone(server.url))
     print(f"\nkeep-alive: {KEEPALIVE_CONNECTIONS} connections x {KEEPALIVE_REQUESTS} requests, ~5 s idle between: "
           f"{outcomes}")

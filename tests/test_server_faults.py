@@ -35,8 +35,8 @@ from steer_reward.reward import SteerReward  # noqa: E402
 from steer_reward.server.process import ServerProcess, free_port  # noqa: E402
 
 FAULT_CLIENTS = int(os.environ.get("STEER_REWARD_FAULT_CLIENTS", 8))
-FAULT_REQUESTS = int(os.environ.get("STEER_REWARD_FAULT_REQUESTS", 24))
-SOAK_REQUESTS = int(os.environ.get("STEER_REWARD_SOAK_REQUESTS", 600))
+FAULT_REQUESTS = int(os.environ.get("STEER_REWARD_FAULT_REQUESTS", 16))
+SOAK_REQUESTS = int(os.environ.get("STEER_REWARD_SOAK_REQUESTS", 400))
 SOAK_WARMUP = 200
 READ_TIMEOUT = 30.0
 
