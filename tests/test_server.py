@@ -226,7 +226,7 @@ def test_overlong_completion_is_scored_cut_and_reported_under_truncate(client, r
     expected = reference.score(["Hi", "Hi"], completions)
     assert body["completion_truncated_tokens"] == expected.attributes.completion_truncated.tolist()
     assert body["completion_truncated_tokens"][0] == 0 and body["completion_truncated_tokens"][1] > 0
-    assert body["prompt_truncated_tokens"][1] > 0  # the whole prompt went before the completion was cut
+    assert body["prompt_truncated_tokens"] == expected.attributes.prompt_truncated.tolist()
     torch.testing.assert_close(torch.tensor(body["rewards"]), expected.rewards, atol=1e-4, rtol=1e-4)
 
 
@@ -251,6 +251,12 @@ def test_overlong_completion_is_a_413_naming_the_item_under_reject(demo_model_pa
                                             "completions": ["Fine.", "hello world " * 100, "ok"]}))
         assert reply.status_code == 413, reply.text
         assert reply.json()["error"].startswith("item 1: ") and "model.max_length" in reply.json()["error"]
+        # a completion that fits the window alone but not beside the prompt's reserved tokens is refused too
+        formatter = app.state.service.scorer.formatter
+        near = "word " * (formatter.max_length - formatter.prompt_reserve // 2)
+        tokens = len(formatter.tokenizer(formatter.texts("Hi", near)[1], add_special_tokens=False)["input_ids"])
+        assert formatter.max_length - formatter.prompt_reserve < tokens <= formatter.max_length
+        assert asyncio.run(post("/score", {"prompts": ["Hi"], "completions": [near]})).status_code == 413
         # /get_reward never answers an error for one sample (OpenRLHF would stop): the fallback reward, reported.
         queries = [LLAMA3_PROMPT + "Fine.<|eot_id|>", LLAMA3_PROMPT + "hello world " * 100 + "<|eot_id|>"]
         reply = asyncio.run(post("/get_reward", {"query": queries, "prompts": [LLAMA3_PROMPT] * 2}))

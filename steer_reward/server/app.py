@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import hmac
 import inspect
 import json
@@ -111,6 +112,10 @@ class RewardService:
         actor = ActorTemplate.from_tokenizer(self.config.actor_tokenizer) if self.config.actor_tokenizer else None
         self.query_parser = QueryParser(actor, self.end_tokens, self.config.strip_reasoning)
         self.overlong = getattr(reward.config.model, "overlong", "truncate")
+        formatter = getattr(self.scorer, "formatter", None)
+        self._truncating = copy.copy(formatter) if formatter is not None and self.overlong == "reject" else None
+        if self._truncating is not None:
+            self._truncating.overlong = "truncate"
         self.draining = False
         """True once shutdown began: new scoring requests get 503 so clients go to another server."""
         self._readers: set[_BodyReader] = set()
@@ -141,41 +146,28 @@ class RewardService:
         return self._variants[key]
 
     async def encode(self, prompts: list, completions: list, item: str = "item") -> list:
-        """Encoded samples; under ``model.overlong: reject`` a completion longer than ``model.max_length`` alone is
-        a 413 naming its index (``item``, e.g. "query" for /get_reward). Under ``truncate`` it is scored cut and
-        reported per sample."""
+        """Encoded samples. A sample the formatter refuses because it is over-long (``model.overlong: reject``)
+        is a 413 naming its index (``item``: "item" for /score); other formatting errors stay 422s. Under
+        ``truncate`` an over-long sample is scored cut and the cut is reported per sample."""
         loop = asyncio.get_running_loop()
         try:
-            samples = await loop.run_in_executor(self.encoder, self.scorer.encode, prompts, completions)
+            return await loop.run_in_executor(self.encoder, self.scorer.encode, prompts, completions)
         except FormattingError as err:
-            if self.overlong == "reject":
-                index = await loop.run_in_executor(self.encoder, self._first_overlong, prompts, completions)
-                if index is not None:
-                    raise ApiError(413, f"{item} {index}: {err}") from None
+            i = err.index
+            if i is not None and await loop.run_in_executor(self.encoder, self._cut_when_truncating, prompts[i],
+                                                            completions[i]):
+                raise ApiError(413, f"{item} {i}: {err.reason}") from None
             raise
-        if self.overlong == "reject":
-            for i, sample in enumerate(samples):
-                if sample.completion_truncated:
-                    raise ApiError(413, self._overlong_message(item, i, len(sample.completion_ids)
-                                                               + sample.completion_truncated))
-        return samples
 
-    def _first_overlong(self, prompts: list, completions: list) -> int | None:
-        """Index of the first completion that alone exceeds ``model.max_length`` (encoder thread)."""
-        formatter = self.scorer.formatter
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            try:
-                _, text = formatter.texts(prompt, completion)
-            except FormattingError:
-                continue
-            if len(self.scorer.tokenizer(text, add_special_tokens=False)["input_ids"]) > formatter.max_length:
-                return i
-        return None
-
-    def _overlong_message(self, item: str, index: int, tokens: int) -> str:
-        limit = self.scorer.formatter.max_length
-        return (f"{item} {index}: the completion alone has {tokens} tokens, more than model.max_length ({limit}); "
-                f"model.overlong is 'reject' ('truncate' scores its last {limit} tokens and reports the cut)")
+    def _cut_when_truncating(self, prompt: Any, completion: Any) -> bool:
+        """Whether ``truncate`` would cut this sample's completion: it is over-long, not malformed (encoder
+        thread). The formatter owns the rule; a truncating copy of it answers."""
+        if self._truncating is None:
+            return False
+        try:
+            return bool(self._truncating.encode([prompt], [completion])[0].completion_truncated)
+        except FormattingError:
+            return False
 
     async def _submit(self, samples: list, tag: Any = None) -> Any:
         result = await self.batcher.submit(samples, tag)
