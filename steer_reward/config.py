@@ -24,6 +24,7 @@ __all__ = [
     "Limit",
     "NUMERIC_LIMITS",
     "check_numbers",
+    "check_section_numbers",
     "ModelConfig",
     "BatchingConfig",
     "LengthPenaltyConfig",
@@ -221,6 +222,11 @@ class ServerConfig:
     ``extra_logs`` and the failure counted in ``/metrics``. OpenRLHF stops training on any error reply, so a
     failure is never an error status. 0.0 is neutral for normalized rewards; choose a value at the low end of the
     reward range to penalize samples that cannot be scored."""
+    fallback_streak_limit: int = 32
+    """OpenRLHF faces: consecutive samples whose forward fails (a poison sample, out of memory even alone) that
+    are answered with ``fallback_reward``. Past it, with no successful forward in between, the model itself is
+    taken for broken: ``/get_reward`` answers 500 and ``/health`` 503, so training stops loudly instead of
+    learning from constants."""
     openrlhf_scores: str = "sigmoid"
     """What the OpenRLHF reply's ``scores`` carry. OpenRLHF 0.11 reads ``scores`` only for dynamic filtering
     (``--algo.dynamic_filtering_enable`` keeps a prompt's samples when min < mean score < max, default range
@@ -372,6 +378,7 @@ NUMERIC_LIMITS: dict[str, Limit] = {
     "remote.timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
     "remote.retries": Limit(1, 1000),
     "remote.backoff_s": Limit(0, 3600),
+    "remote.idle_timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
     "server.port": Limit(1, 65535),
     "server.max_wait_ms": Limit(0, MAX_SECONDS),
     "server.max_batch_tokens": Limit(1, MAX_COUNT),
@@ -380,6 +387,14 @@ NUMERIC_LIMITS: dict[str, Limit] = {
     "server.max_items_per_request": Limit(1, MAX_COUNT),
     "server.prompt_cache_tokens": Limit(0, MAX_COUNT),
     "server.fallback_reward": Limit(-MAX_COEFFICIENT, MAX_COEFFICIENT),
+    "server.fallback_streak_limit": Limit(0, MAX_COUNT),
+    "server.read_timeout_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "server.keep_alive_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "server.shutdown_grace_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "server.oom_recovery_s": Limit(0, MAX_SECONDS, lo_open=True),
+    "server.stats_warmup_samples": Limit(0, MAX_COUNT),
+    "server.stats_warmup_wait_ms": Limit(0, MAX_SECONDS),
+    "server.state_save_s": Limit(0, MAX_SECONDS, lo_open=True),
     "server.replicas": Limit(0, MAX_COUNT),
     "server.min_replicas": Limit(0, MAX_COUNT),
     "server.max_replicas": Limit(1, MAX_COUNT),
@@ -426,6 +441,12 @@ def _numeric_fields(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any
             yield from _numeric_fields(value, f"{key}.")
         elif tp in (int, float) and value is not None:
             yield key, value, tp
+
+
+def check_section_numbers(section: Any, prefix: str) -> None:
+    """``check_numbers`` for one section built on its own (``ServerConfig(...)``), keys under ``prefix``."""
+    for key, value, _ in _numeric_fields(section, f"{prefix}."):
+        _number(key, value, NUMERIC_LIMITS.get(key, DEFAULT_LIMIT))
 
 
 def check_numbers(config: "SteerRewardConfig") -> None:

@@ -22,10 +22,12 @@ import inspect
 import json
 import logging
 import time
+
+import torch
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Mapping
 
-from steer_reward.config import ConfigError, ServerConfig
+from steer_reward.config import ServerConfig, check_section_numbers
 from steer_reward.errors import InputError, require_extra
 from steer_reward.formatting import FormattingError
 from steer_reward.monitors import SERVER_WINDOW, LengthCorrelationWindow
@@ -54,14 +56,9 @@ class ClientGone(Exception):
 
 
 def check_server_config(config: ServerConfig) -> None:
-    """ConfigError naming the ``server.*`` key whose value cannot work."""
-    for key in ("read_timeout_s", "keep_alive_s", "shutdown_grace_s", "oom_recovery_s", "state_save_s",
-                "max_batch_tokens", "max_queue", "max_body_bytes", "max_items_per_request"):
-        if not getattr(config, key) > 0:
-            raise ConfigError(f"server.{key} must be positive, got {getattr(config, key)}")
-    for key in ("max_wait_ms", "stats_warmup_samples", "stats_warmup_wait_ms", "prompt_cache_tokens"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"server.{key} must be 0 or more, got {getattr(config, key)}")
+    """ConfigError naming the ``server.*`` key whose value cannot work (the ranges of ``NUMERIC_LIMITS``, also
+    for a ``ServerConfig`` built directly rather than loaded)."""
+    check_section_numbers(config, "server")
 
 
 def _finite(values: list[float]) -> list[float | None]:
@@ -116,6 +113,9 @@ class RewardService:
         self._truncating = copy.copy(formatter) if formatter is not None and self.overlong == "reject" else None
         if self._truncating is not None:
             self._truncating.overlong = "truncate"
+        self.forward_failure_streak = 0
+        """Samples in a row answered the fallback reward because their forward failed (reset by any forward that
+        succeeds); past ``server.fallback_streak_limit`` the model is taken for broken."""
         self.draining = False
         """True once shutdown began: new scoring requests get 503 so clients go to another server."""
         self._readers: set[_BodyReader] = set()
@@ -173,6 +173,7 @@ class RewardService:
         result = await self.batcher.submit(samples, tag)
         if isinstance(result, concurrent.futures.Future):  # held for the statistics' warm-up
             result = await asyncio.wrap_future(result)
+        self.forward_failure_streak = 0
         attributes = getattr(result, "attributes", result)
         truncated = int(attributes.prompt_truncated.sum())
         if truncated:
@@ -186,10 +187,9 @@ class RewardService:
         """``AttributeScores`` of the pairs, scored in a shared batch (``/score``: statistics untouched)."""
         return await self._submit(await self.encode(prompts, completions))
 
-    async def training_rewards(self, prompts: list, completions: list) -> Any:
-        """``ScoredBatch`` for ``/get_reward``: with running normalization, the statistics are updated once per
-        model batch with all of its /get_reward samples and every sample is shaped with them."""
-        samples = await self.encode(prompts, completions, item="query")
+    async def training_rewards(self, samples: list) -> Any:
+        """``ScoredBatch`` of encoded samples for ``/get_reward``: with running normalization, the statistics are
+        updated once per model batch with all of its /get_reward samples and every sample is shaped with them."""
         if self.training is not None and self.update_stats:
             return await self._submit(samples, TRAINING)
         from steer_reward.reward import ScoredBatch
@@ -312,8 +312,8 @@ class RewardService:
         if not index:
             return [], None
         try:
-            scored = await self.training_rewards(prompts, completions)
-        except _SAMPLE_ERRORS as batch_error:
+            samples = await self.encode(prompts, completions, item="query")
+        except _SAMPLE_ERRORS:
             keep = []
             for j, (prompt, completion) in enumerate(zip(prompts, completions)):
                 try:
@@ -324,14 +324,48 @@ class RewardService:
                 else:
                     keep.append(j)
             if len(keep) == len(index):
-                raise batch_error  # every sample encodes alone: the failure is not one sample's
-            prompts, completions = [prompts[j] for j in keep], [completions[j] for j in keep]
+                raise  # every sample encodes alone: the failure is not one sample's
             index = [index[j] for j in keep]
             if not index:
                 return [], None
-            scored = await self.training_rewards(prompts, completions)
-        self.monitor(scored.attributes, scored.rewards)
+            samples = await self.encode([prompts[j] for j in keep], [completions[j] for j in keep], item="query")
+        index, scored = await self._forward_or_fallback(samples, index, failures)
+        if scored is not None:
+            self.monitor(scored.attributes, scored.rewards)
         return index, scored
+
+    async def _forward_or_fallback(self, samples: list, index: list[int],
+                                   failures: list[SampleFailure]) -> tuple[list[int], Any]:
+        """(indices scored, their ``ScoredBatch``). The batcher already isolates a failing request; a request whose
+        forward fails is split down to the samples that fail alone, which get the fallback reward while the model
+        still works for others (see ``server.fallback_streak_limit``)."""
+        try:
+            return index, await self.training_rewards(samples)
+        except (QueueFull, BatcherStopped, asyncio.CancelledError):
+            raise  # the server is busy or stopping: the whole request is retried, elsewhere if need be
+        except Exception as err:  # noqa: BLE001 - a forward that fails on these samples
+            if len(samples) > 1:
+                half = len(samples) // 2
+                first_index, first = await self._forward_or_fallback(samples[:half], index[:half], failures)
+                second_index, second = await self._forward_or_fallback(samples[half:], index[half:], failures)
+                parts = [(i, s) for i, s in ((first_index, first), (second_index, second)) if s is not None]
+                if not parts:
+                    return [], None
+                from steer_reward.reward import ScoredBatch
+                from steer_reward.scoring import AttributeScores
+
+                return ([i for part, _ in parts for i in part],
+                        ScoredBatch(AttributeScores.concat([s.attributes for _, s in parts]),
+                                    torch.cat([s.rewards for _, s in parts])))
+            self.forward_failure_streak += 1
+            if self.forward_failure_streak > self.config.fallback_streak_limit:
+                logger.error("/get_reward: %d forwards failed in a row (server.fallback_streak_limit %d): the model "
+                             "is taken for broken and errors are answered", self.forward_failure_streak,
+                             self.config.fallback_streak_limit)
+                raise
+            kind = "out of memory even alone" if is_out_of_memory(err) else f"{type(err).__name__}: {err}"
+            failures.append(SampleFailure(index[0], "forward", f"query[{index[0]}]: the forward failed ({kind})"))
+            return [], None
 
 
 _SAMPLE_ERRORS = (ApiError, ValueError, TypeError)
@@ -399,10 +433,6 @@ async def _race_client(handler: Callable[[Any], Awaitable[Any]], request: Any, r
             raise BatcherStopped("the server is shutting down; retry on another server")
         raise ClientGone()
     return task.result()
-
-
-def _error_reply(JSONResponse: Any, status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=dict(headers or {}))
 
 
 def _endpoint(service: RewardService, name: str, handler: Callable[[Any], Awaitable[Any]], JSONResponse: Any,
@@ -493,6 +523,9 @@ def create_app(reward: Any, config: ServerConfig | None = None, token: str | Non
             raise ApiError(503, "the server is shutting down")
         if not service.batcher.alive:
             raise ApiError(503, "the model worker is not running")
+        if service.forward_failure_streak > service.config.fallback_streak_limit:
+            raise ApiError(503, f"the model's forward failed on {service.forward_failure_streak} samples in a row "
+                                f"(server.fallback_streak_limit {service.config.fallback_streak_limit})")
         return {"status": "ok", "pending_samples": service.batcher.pending_samples}
 
     async def info(request) -> dict:

@@ -46,9 +46,10 @@ _MAX_TURN_GAP = 64
 PLAIN_MIN_OVERLAP = 16
 """Characters a left-truncated plain prompt must share with the query before the split is trusted."""
 
-FAILURE_REASONS = ("query", "format", "non_finite")
+FAILURE_REASONS = ("query", "format", "non_finite", "forward")
 """Why a sample got the fallback reward: its query could not be read, it could not be formatted or encoded for
-the reward model (over-long under ``model.overlong: reject`` included), or its reward was NaN/inf."""
+the reward model (over-long under ``model.overlong: reject`` included), its reward was NaN/inf, or the model's
+forward failed on it alone (a poison sample, out of memory even alone)."""
 
 SCORES_MODES = ("sigmoid", "reward")
 SCORE_EPS = 1e-6
