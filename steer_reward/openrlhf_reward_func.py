@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Any, Mapping, Sequence
 
+from steer_reward.config import ConfigError, load_config
 from steer_reward.errors import InputError
 from steer_reward.server.openrlhf import (QueryParser, SampleFailure, check_openrlhf_options, empty_reply,
                                           openrlhf_reply)
@@ -44,6 +45,9 @@ class OpenRLHFRewardFunc:
         self._parser: QueryParser | None = None
         self._load_lock = threading.Lock()
         self._score_lock = threading.Lock()
+        self.forward_failure_streak = 0
+        """Samples in a row answered the fallback reward because their forward failed; past
+        ``server.fallback_streak_limit`` the model is taken for broken and the error is raised."""
 
     @property
     def reward(self) -> Any:
@@ -54,7 +58,18 @@ class OpenRLHFRewardFunc:
                     from steer_reward.reward import SteerReward
                     from steer_reward.server.actor_templates import ActorTemplate
 
-                    reward = SteerReward.from_config(self.config, model=self.model, overrides=self.overrides)
+                    overrides = dict(self.overrides)
+                    if self.model is not None:
+                        overrides["model.path"] = str(self.model)
+                    config = load_config(self.config, overrides)
+                    if config.backend in ("deepspeed", "remote"):
+                        raise ConfigError(
+                            f"a reward_func file runs its own model inside each OpenRLHF vLLM engine process; backend "
+                            f"{config.backend!r} cannot (ZeRO-3 needs the training ranks; a remote reward is served to "
+                            "OpenRLHF directly: --reward.remote_url http://HOST:PORT/get_reward). Use backend: local "
+                            "or vllm"
+                        )
+                    reward = SteerReward.from_config(config)
                     server = reward.config.server
                     check_openrlhf_options(server)
                     actor = ActorTemplate.from_tokenizer(server.actor_tokenizer) if server.actor_tokenizer else None
@@ -93,31 +108,66 @@ class OpenRLHFRewardFunc:
                            failure["error"])
         return reply
 
-    @staticmethod
-    def _score(reward: Any, prompts: list, completions: list, index: list[int],
+    def _score(self, reward: Any, prompts: list, completions: list, index: list[int],
                failures: list[SampleFailure]) -> tuple[list[int], Any]:
-        """(indices scored, their ``ScoredBatch``); the batch is scored whole first, and only when that fails is
-        each sample encoded alone, to name the ones at fault (FormattingError, InputError: ValueErrors)."""
+        """(indices scored, their ``ScoredBatch``). The batch is encoded whole first; only when that fails is each
+        sample encoded alone, to name the ones at fault (FormattingError, InputError: ValueErrors)."""
         if not index:
             return [], None
-        update = reward.shaper.updates_in_training
+        scorer = reward.scorer
         try:
-            return index, reward.score(prompts, completions, update_stats=update)
-        except (ValueError, TypeError) as batch_error:
+            samples = scorer.encode(prompts, completions)
+        except (ValueError, TypeError):
             keep = []
             for j, (prompt, completion) in enumerate(zip(prompts, completions)):
                 try:
-                    reward.scorer.encode([prompt], [completion])
+                    scorer.encode([prompt], [completion])
                 except (ValueError, TypeError) as err:
                     failures.append(SampleFailure(index[j], "format", f"query[{index[j]}]: {err}"))
                 else:
                     keep.append(j)
             if len(keep) == len(index):
-                raise batch_error  # every sample encodes alone: the failure is not one sample's
-        if not keep:
+                raise  # every sample encodes alone: the failure is not one sample's
+            if not keep:
+                return [], None
+            index = [index[j] for j in keep]
+            samples = scorer.encode([prompts[j] for j in keep], [completions[j] for j in keep])
+        update = reward.shaper.updates_in_training
+        index, attributes = self._forward_or_fallback(reward, samples, index, failures)
+        if attributes is None:
             return [], None
-        kept = [index[j] for j in keep]
-        return kept, reward.score([prompts[j] for j in keep], [completions[j] for j in keep], update_stats=update)
+        from steer_reward.reward import ScoredBatch
+
+        return index, ScoredBatch(attributes, reward.rewards(attributes, update_stats=update))
+
+    def _forward_or_fallback(self, reward: Any, samples: list, index: list[int],
+                             failures: list[SampleFailure]) -> tuple[list[int], Any]:
+        """(indices scored, their ``AttributeScores``): a forward that fails is split down to the samples that fail
+        alone, which get the fallback reward while the model still works (``server.fallback_streak_limit``)."""
+        try:
+            attributes = reward.scorer.score_encoded(samples)
+        except Exception as err:  # noqa: BLE001 - a forward that fails on these samples
+            if len(samples) > 1:
+                half = len(samples) // 2
+                parts = [self._forward_or_fallback(reward, samples[:half], index[:half], failures),
+                         self._forward_or_fallback(reward, samples[half:], index[half:], failures)]
+                parts = [(i, a) for i, a in parts if a is not None]
+                if not parts:
+                    return [], None
+                from steer_reward.scoring import AttributeScores
+
+                return [i for part, _ in parts for i in part], AttributeScores.concat([a for _, a in parts])
+            self.forward_failure_streak += 1
+            limit = reward.config.server.fallback_streak_limit
+            if self.forward_failure_streak > limit:
+                logger.error("reward_func: %d forwards failed in a row (server.fallback_streak_limit %d): the model "
+                             "is taken for broken", self.forward_failure_streak, limit)
+                raise
+            failures.append(SampleFailure(index[0], "forward",
+                                          f"query[{index[0]}]: the forward failed ({type(err).__name__}: {err})"))
+            return [], None
+        self.forward_failure_streak = 0
+        return index, attributes
 
 
 def reward_func_source(config: str | None, model: str | None, overrides: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""/get_reward when the model's forward fails on a sample (a poison input, out of memory even alone): that sample
+"""/get_reward and the reward_func file when the model's forward fails on a sample (a poison input, out of memory even alone): that sample
 gets the fallback reward, reported per sample, the others in its request and batch get their own rewards; a model
 that fails on every sample past ``server.fallback_streak_limit`` is answered as broken (500, /health 503), never
 trained on constants. In-process app (httpx's ASGI transport) on the real demo model with a poison hook."""
@@ -86,3 +86,29 @@ def test_a_model_that_fails_every_forward_is_answered_as_broken_not_with_constan
         assert replies[0].status_code == 200 and health.status_code == 200
     finally:
         app.state.service.close()
+
+
+def test_the_reward_func_file_falls_back_the_same_way(demo_model_path, clean_rewards):
+    from steer_reward.openrlhf_reward_func import OpenRLHFRewardFunc
+
+    func = OpenRLHFRewardFunc({"model": {"path": demo_model_path, "device": "cpu"},
+                               "server": {"fallback_reward": -3.0, "fallback_streak_limit": 1}})
+    poison_model(func.reward.scorer)
+    queries = [PROMPT + r + "<|eot_id|>" for r in (GOOD[0], f"It is {POISON}.", GOOD[1])]
+    reply = func(queries, [PROMPT] * 3, [None] * 3)  # OpenRLHF sends one sample; several are split the same way
+    assert reply["rewards"][1] == -3.0 and reply["extra_logs"]["reward_failed"] == [0.0, 1.0, 0.0]
+    assert reply["rewards"][0] == pytest.approx(clean_rewards[0], abs=1e-4)
+    assert reply["rewards"][2] == pytest.approx(clean_rewards[1], abs=1e-4)
+    assert func([PROMPT + f"{POISON}<|eot_id|>"], [PROMPT], [None])["rewards"] == [-3.0]  # streak 1 of 1
+    with pytest.raises(RuntimeError, match="poison"):
+        func([PROMPT + f"{POISON}!<|eot_id|>"], [PROMPT], [None])  # streak 2: the model is taken for broken
+
+
+def test_the_reward_func_file_refuses_backends_it_cannot_run(demo_model_path):
+    from steer_reward.config import ConfigError
+    from steer_reward.openrlhf_reward_func import OpenRLHFRewardFunc
+
+    func = OpenRLHFRewardFunc({"model": {"path": demo_model_path}, "backend": "remote",
+                               "remote": {"urls": ["http://127.0.0.1:9"]}})
+    with pytest.raises(ConfigError, match="backend: local or vllm"):
+        func([PROMPT + "Four.<|eot_id|>"], [PROMPT], [None])
