@@ -16,7 +16,11 @@ URL="http://127.0.0.1:${PORT}"
 
 # Optional bearer token: export STEER_REWARD_TOKEN=... before starting. OpenRLHF's client sends no
 # Authorization header, so leave it unset when OpenRLHF talks to the server directly on loopback.
-steer-reward serve --model "$MODEL" --config "$CONFIG" --port "$PORT" &
+# With POLICY set, the server reads the actor's own chat template from its tokenizer, to split OpenRLHF's
+# queries exactly (Qwen3 thinking blocks, Llama-3.1 date headers, left-truncated prompts).
+ACTOR_ARGS=()
+if [[ -n "${POLICY:-}" ]]; then ACTOR_ARGS=(--actor-tokenizer "$POLICY"); fi
+steer-reward serve --model "$MODEL" --config "$CONFIG" --port "$PORT" "${ACTOR_ARGS[@]}" &
 SERVER_PID=$!
 trap 'kill "$SERVER_PID" 2>/dev/null || true' EXIT
 
@@ -35,8 +39,8 @@ if [[ -z "${POLICY:-}" || -z "${DATA:-}" ]]; then
 fi
 
 # OpenRLHF 0.11.2 flag names (openrlhf/cli/train_ppo_ray.py). --data.apply_chat_template makes the actor
-# template the prompt; the server parses Llama-3 / ChatML / plain queries back into (conversation, response)
-# and re-templates them for the reward model.
+# template the prompt; the server parses the actor-templated queries back into (conversation, response) and
+# re-templates them for the reward model.
 python3 -m openrlhf.cli.train_ppo_ray \
   --actor.model_name_or_path "$POLICY" \
   --reward.remote_url "$URL/get_reward" \
@@ -65,5 +69,5 @@ python3 -m openrlhf.cli.train_ppo_ray \
   --ckpt.output_dir ./checkpoints/grpo-steer-reward
 
 # Without a server: write a reward_func file and pass it as the remote URL instead:
-#   steer-reward openrlhf-func --model "$MODEL" --config "$CONFIG" --out reward_func.py
+#   steer-reward openrlhf-func --model "$MODEL" --config "$CONFIG" --actor-tokenizer "$POLICY" --out reward_func.py
 #   ... --reward.remote_url reward_func.py
