@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from recording import CallRecorder
 
 from steer_reward.integrations.trl import (
     STATE_FILE,
@@ -64,17 +65,6 @@ def test_async_face_restores_before_its_first_call(make_reward, tmp_path):
     assert out == pytest.approx(expected[:, reward.schema.index(funcs[1].attribute)].tolist(), abs=1e-5)
 
 
-class Recorder:
-    def __init__(self, func) -> None:
-        self.func = func
-        self.__name__ = func.__name__
-        self.calls: list[tuple[list, list]] = []
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.calls.append((list(prompts), list(completions)))
-        return self.func(prompts=prompts, completions=completions, **kwargs)
-
-
 @pytest.mark.slow
 def test_mid_cycle_resume_counts_each_generation_batch_once(demo_policy_path, make_reward, tmp_path):
     """steps_per_generation=2: a checkpoint after step 1 interrupts a generation cycle. The resumed run generates
@@ -92,7 +82,7 @@ def test_mid_cycle_resume_counts_each_generation_batch_once(demo_policy_path, ma
     def train(output_dir, max_steps, resume=False):
         reward = make_reward({"weights": "steerlm-70b", "normalization": "running"})
         funcs, weights = reward.trl_attribute_funcs()
-        recorders = [Recorder(f) for f in funcs]
+        recorders = [CallRecorder(f) for f in funcs]
         args = trl.GRPOConfig(output_dir=str(output_dir), use_cpu=True, max_steps=max_steps,
                               per_device_train_batch_size=4, steps_per_generation=2, num_generations=2,
                               max_completion_length=6, logging_steps=1, report_to="none", save_strategy="steps",

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import CallRecorder
 
 from steer_reward.shaping import Moments
 
 TRAIN = ["Say hi.", "Name a color.", "Count to three.", "Why?"]
 EVAL = ["Evaluate this sentence.", "Evaluation prompt two."]
-
-
-class Recorder:
-    """Keeps the texts of every call, then forwards it (module level, so it pickles)."""
-
-    def __init__(self, func) -> None:
-        self.func = func
-        self.__name__ = func.__name__
-        self.calls: list[tuple[list, list]] = []
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.calls.append((list(prompts), list(completions)))
-        return self.func(prompts=prompts, completions=completions, **kwargs)
 
 
 def _is_eval(prompts) -> bool:
@@ -40,7 +28,7 @@ def test_evaluation_batches_leave_running_statistics_alone(demo_policy_path, mak
     shaped = make_reward({**shaping, "reward_normalization": "running"})
     per_attribute = make_reward(shaping)
     attribute_funcs, attribute_weights = per_attribute.trl_attribute_funcs()
-    funcs = [Recorder(shaped.for_trl()), *[Recorder(f) for f in attribute_funcs]]
+    funcs = [CallRecorder(shaped.for_trl()), *[CallRecorder(f) for f in attribute_funcs]]
 
     torch.manual_seed(0)
     chat = lambda texts: [[{"role": "user", "content": t}] for t in texts]  # noqa: E731

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared test helpers
+from recording import AsyncCallRecorder, CallRecorder  # noqa: E402
+
 TRAIN = ["Say hi.", "Name a color.", "Count to three.", "Why?"]
 EVAL = ["Evaluate this sentence.", "Evaluation prompt two."]
 
@@ -32,25 +35,6 @@ class DelayedScorer:
     def score(self, prompts, completions):
         time.sleep(self.delay_s)
         return self.scorer.score(prompts, completions)
-
-
-class Recorder:
-    """Keeps the texts of every call, then forwards it."""
-
-    def __init__(self, func) -> None:
-        self.func = func
-        self.__name__ = func.__name__
-        self.calls: list[tuple[list, list]] = []
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.calls.append((list(prompts), list(completions)))
-        return self.func(prompts=prompts, completions=completions, **kwargs)
-
-
-class AsyncRecorder(Recorder):
-    async def __call__(self, prompts, completions, **kwargs):
-        self.calls.append((list(prompts), list(completions)))
-        return await self.func(prompts=prompts, completions=completions, **kwargs)
 
 
 def main(out_dir: str) -> None:
@@ -80,8 +64,8 @@ def main(out_dir: str) -> None:
     slow.scorer = DelayedScorer(slow.scorer, 1.5 if rank == 0 else 0.0)
     fast.scorer = DelayedScorer(fast.scorer, 0.0 if rank == 0 else 1.5)
     attribute_funcs, attribute_weights = per_attribute.trl_attribute_funcs()
-    funcs = [Recorder(shaped.for_trl()), *[Recorder(f) for f in attribute_funcs],
-             AsyncRecorder(AsyncSteerRewardFunc(slow)), AsyncRecorder(AsyncSteerRewardFunc(fast))]
+    funcs = [CallRecorder(shaped.for_trl()), *[CallRecorder(f) for f in attribute_funcs],
+             AsyncCallRecorder(AsyncSteerRewardFunc(slow)), AsyncCallRecorder(AsyncSteerRewardFunc(fast))]
     rewards = {"shaped": shaped, "per_attribute": per_attribute, "async_a": slow, "async_b": fast}
     recorders = {"shaped": funcs[0], "per_attribute": funcs[1], "async_a": funcs[-2], "async_b": funcs[-1]}
 
