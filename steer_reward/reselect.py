@@ -18,7 +18,7 @@ import torch
 
 from steer_reward.config import SteerRewardConfig, load_config
 from steer_reward.errors import InputError
-from steer_reward.schema import BUILTIN_SCHEMAS, AttributeSchema, schema_from_id2label
+from steer_reward.schema import AttributeSchema, schema_from_stored
 from steer_reward.shaping import RewardShaper
 
 __all__ = ["ScoredCandidates", "load_scored", "Selection", "select", "compare", "format_table", "plot_selections"]
@@ -39,15 +39,6 @@ class ScoredCandidates:
     """Index within its group of the candidate the file chose."""
 
 
-def _schema(name: str, names: Sequence[str], where: str) -> AttributeSchema:
-    builtin = BUILTIN_SCHEMAS.get(name)
-    if builtin is not None:
-        if tuple(names) != builtin.names:
-            raise InputError(f"{where}: attribute names do not match built-in schema {name!r}")
-        return builtin
-    return schema_from_id2label(dict(enumerate(names)), name=name)
-
-
 def load_scored(path: str | Path) -> ScoredCandidates:
     """Read a ``steer-reward best-of-n`` output file."""
     from steer_reward.commands.common import read_jsonl
@@ -59,7 +50,7 @@ def load_scored(path: str | Path) -> ScoredCandidates:
         try:
             names, candidates, chosen = row["attribute_names"], row["candidates"], int(row["chosen"])
             if schema is None:
-                schema = _schema(str(row["schema"]), names, where)
+                schema = schema_from_stored(str(row["schema"]), names, where)
             elif list(names) != list(schema.names):
                 raise InputError(f"{where}: attribute names differ from the first row's")
             start = len(values)

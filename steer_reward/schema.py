@@ -20,6 +20,7 @@ __all__ = [
     "ARMORM19",
     "BUILTIN_SCHEMAS",
     "schema_from_id2label",
+    "schema_from_stored",
     "resolve_schema",
     "closest",
 ]
@@ -189,6 +190,17 @@ def schema_from_id2label(id2label: Mapping[int | str, str], name: str = "id2labe
     names = tuple(labels[i] for i in range(len(labels)))
     verbosity = next((n for n in names if "verbosity" in n.lower()), None)
     return AttributeSchema(name=name, names=names, live=tuple(range(len(names))), verbosity=verbosity)
+
+
+def schema_from_stored(name: str, names: Sequence[str], where: str) -> AttributeSchema:
+    """The schema a scored file (or a server's ``/info``) names: the built-in schema of that name, whose attribute
+    names must then be the stored ones, or an all-live schema over the stored names. ``where`` prefixes errors."""
+    builtin = BUILTIN_SCHEMAS.get(name)
+    if builtin is not None:
+        if tuple(names) != builtin.names:
+            raise SchemaError(f"{where}: attribute names do not match built-in schema {name!r}")
+        return builtin
+    return schema_from_id2label(dict(enumerate(names)), name=name)
 
 
 def _is_generic_labels(id2label: Mapping[int | str, str]) -> bool:

@@ -21,7 +21,7 @@ import torch
 from steer_reward.config import SteerRewardConfig
 from steer_reward.errors import InputError
 from steer_reward.eval.pairs import PreferenceData
-from steer_reward.schema import BUILTIN_SCHEMAS, AttributeSchema, schema_from_id2label
+from steer_reward.schema import BUILTIN_SCHEMAS, AttributeSchema, schema_from_stored
 
 __all__ = ["FORMAT", "SCORING_KEYS", "ScoredPreferences", "score_preferences", "write_scored", "read_scored",
            "scoring_settings", "check_same_scoring", "read_scored_attributes", "is_demo_model"]
@@ -167,12 +167,7 @@ def _schema(header: dict, where: str) -> AttributeSchema:
     name = header.get("schema")
     if not isinstance(names, list) or not isinstance(name, str):
         raise InputError(f"{where}: the header has no schema / attribute_names")
-    builtin = BUILTIN_SCHEMAS.get(name)
-    if builtin is not None:
-        if tuple(names) != builtin.names:
-            raise InputError(f"{where}: attribute names do not match built-in schema {name!r}")
-        return builtin
-    return schema_from_id2label(dict(enumerate(names)), name=name)
+    return schema_from_stored(name, names, where)
 
 
 def _mismatch(path: Path, what: str) -> InputError:
