@@ -53,7 +53,7 @@ def _schema_from_names(names: Sequence[str], where: str) -> AttributeSchema:
 
 def _score_rows(path: Path) -> ReferenceAttributes:
     """``steer-reward score`` output: ``attributes`` per row, or ``chosen_attributes`` / ``rejected_attributes``."""
-    from steer_reward.commands.common import read_jsonl
+    from steer_reward.jsonl import read_jsonl
 
     names: list[str] | None = None
     values = []
@@ -79,7 +79,7 @@ def _score_rows(path: Path) -> ReferenceAttributes:
 
 def load_reference(path: str | Path) -> ReferenceAttributes:
     """Attributes of every response in a scored file: ``eval --scored``, ``best-of-n`` or ``score`` output."""
-    from steer_reward.commands.common import read_jsonl
+    from steer_reward.jsonl import read_jsonl
 
     path = Path(path)
     first = next(iter(read_jsonl(path)), None)

@@ -41,7 +41,7 @@ class ScoredCandidates:
 
 def load_scored(path: str | Path) -> ScoredCandidates:
     """Read a ``steer-reward best-of-n`` output file."""
-    from steer_reward.commands.common import read_jsonl
+    from steer_reward.jsonl import read_jsonl
 
     schema = None
     values, lengths, groups, original = [], [], [], []

@@ -118,7 +118,7 @@ def parse_preference_row(row: dict, number: int, where: str) -> PreferenceRow:
 
 def load_preferences(path: str | Path) -> PreferenceData:
     """Read a JSONL of preference rows; a bad row or an empty file is an ``InputError``."""
-    from steer_reward.commands.common import read_jsonl
+    from steer_reward.jsonl import read_jsonl
 
     rows = [parse_preference_row(row, number, f"{path}:{number}") for number, row in read_jsonl(path)]
     if not rows:

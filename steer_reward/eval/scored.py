@@ -176,7 +176,7 @@ def _mismatch(path: Path, what: str) -> InputError:
 
 def read_scored_attributes(path: str | Path) -> tuple[AttributeSchema, torch.Tensor]:
     """(schema, attributes of every response ``(N, K)``) of a scored file, without the data it was made from."""
-    from steer_reward.commands.common import read_jsonl
+    from steer_reward.jsonl import read_jsonl
 
     path = Path(path)
     lines = iter(read_jsonl(path))
@@ -198,7 +198,7 @@ def read_scored_attributes(path: str | Path) -> tuple[AttributeSchema, torch.Ten
 
 def read_scored(path: str | Path, data: PreferenceData, config: SteerRewardConfig | None = None) -> ScoredPreferences:
     """Read a scored file and check it belongs to ``data`` and to ``config``'s scoring settings."""
-    from steer_reward.commands.common import read_jsonl
+    from steer_reward.jsonl import read_jsonl
 
     path = Path(path)
     lines = iter(read_jsonl(path))
