@@ -139,13 +139,32 @@ def test_readme_cli_commands_run_with_the_demo_models(workspace):
         assert (workspace / written).stat().st_size > 0, written
 
 
+def _suite_command() -> str:
+    """The README's test command: the one run after activating the environment (the others pick files to run)."""
+    (command,) = [c for c in readme_commands() if _kind(c) == "tests" and "&&" in c]
+    return command
+
+
 @pytest.mark.slow
 def test_readme_test_command_collects_the_suite():
-    (command,) = [c for c in readme_commands() if _kind(c) == "tests"]
-    runnable = command.split("&&")[-1].strip()  # the activation before it belongs to the set-up
+    runnable = _suite_command().split("&&")[-1].strip()  # the activation before it belongs to the set-up
     assert runnable.startswith("python -m pytest")
     result = _run(f"{runnable} --collect-only -p no:cacheprovider", ROOT)
     assert re.fullmatch(r"\d+ tests collected in [\d.]+s", result.stdout.strip().splitlines()[-1]), result.stdout[-500:]
+    with open(ROOT / ".ci/run", encoding="utf-8") as ci:
+        assert runnable in [line.strip() for line in ci], ".ci/run runs the README's test command"
+
+
+TARGETED = [c for c in readme_commands() if _kind(c) == "tests" and c != _suite_command()]
+
+
+@pytest.mark.parametrize("command", TARGETED, ids=[f"targeted-{i}" for i in range(len(TARGETED))])
+def test_readme_targeted_test_commands_select_tests(command):
+    """The README's commands that run part of the suite (sizes set by environment variables) name test files and
+    selections that exist: each collects at least one test."""
+    result = _run(f"{command} --collect-only -q -p no:cacheprovider", ROOT)
+    assert re.search(r"^\d+ tests? collected", result.stdout, re.M) or re.search(
+        r"^\d+/\d+ tests collected", result.stdout, re.M), result.stdout[-800:]
 
 
 TRAINING = [c for c in readme_commands() if _kind(c) == "training"]
