@@ -55,7 +55,7 @@ def load_bench_model(name: str, device: str, dtype: str):
         model = build_shape_model(name[len("shape:"):], dtype=dtype, device=device)
         pad = model.config.pad_token_id
         return model, pad, model.config.vocab_size, (pad,)
-    from steer_reward.commands.common import quiet_transformers
+    from steer_reward.quiet import quiet_transformers
     from steer_reward.config import ModelConfig
     from steer_reward.modeling import load_reward_model
 

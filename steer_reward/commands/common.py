@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 from steer_reward.config import load_config, parse_override
 from steer_reward.errors import InputError
 from steer_reward.jsonl import read_jsonl
+from steer_reward.quiet import quiet_transformers
 
 __all__ = ["add_reward_args", "reward_from_args", "read_jsonl", "quiet_transformers", "quiet_unused_libraries",
            "check_output", "staged_output", "note_truncation"]
@@ -26,14 +27,6 @@ def add_reward_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     parser.add_argument("--config", help="YAML config (e.g. configs/rewards/steerlm-70b.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by its dotted name, e.g. shaping.weights.verbosity=-1.0")
-
-
-def quiet_transformers() -> None:
-    """Transformers' own loading bars would interleave with ours."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 class _AcceleratorNote(logging.Filter):

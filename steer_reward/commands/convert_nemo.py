@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from steer_reward.commands.common import quiet_transformers
+    from steer_reward.quiet import quiet_transformers
     from steer_reward.convert import convert_nemo
 
     quiet_transformers()

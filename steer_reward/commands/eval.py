@@ -76,7 +76,7 @@ def _scored_data(args: argparse.Namespace, data: Any, configs: list, axes: list)
     if scoring.model.path is None:
         raise InputError("no model to score the data with: pass --model PATH|demo (or model.path in the first "
                          "--config), or --scored with a file from an earlier run")
-    from steer_reward.commands.common import quiet_transformers
+    from steer_reward.quiet import quiet_transformers
     from steer_reward.demo import DEMO_WARNING
     from steer_reward.reward import SteerReward
 

@@ -33,7 +33,7 @@ def _interrupt(*_: object) -> None:
 
 def run_ray(args: argparse.Namespace) -> int:
     require_extra("ray", "ray")
-    from steer_reward.commands.common import quiet_transformers
+    from steer_reward.quiet import quiet_transformers
     from steer_reward.config import load_config, parse_override
     from steer_reward.demo import DEMO_WARNING
     from steer_reward.modeling import model_folder

@@ -159,7 +159,7 @@ def run_openrlhf_client_bench(args: Any) -> dict:
     ``args.json`` is set: a path to write, or true for stdout)."""
     import torch
 
-    from steer_reward.commands.common import quiet_transformers
+    from steer_reward.quiet import quiet_transformers
     from steer_reward.config import parse_override
     from steer_reward.reward import SteerReward
     from steer_reward.server.openrlhf import parse_query

@@ -31,7 +31,7 @@ def run_ray_client_bench(args: Any) -> dict:
     import ray
     from ray import serve
 
-    from steer_reward.commands.common import quiet_transformers
+    from steer_reward.quiet import quiet_transformers
     from steer_reward.config import load_config, parse_override
     from steer_reward.errors import InputError
     from steer_reward.server.bench import (bench_model_dir, drive_requests, grpo_workload, prompt_prefills,

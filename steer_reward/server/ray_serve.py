@@ -123,7 +123,7 @@ class RewardReplica:
     """One scoring replica: the server's FastAPI app (``create_app``) around one in-process model."""
 
     def __init__(self, config: Mapping, token: str | None = None) -> None:
-        from steer_reward.commands.common import quiet_transformers
+        from steer_reward.quiet import quiet_transformers
         from steer_reward.reward import SteerReward
         from steer_reward.server.app import create_app
 
