@@ -67,8 +67,12 @@ def read_outputs(output: object) -> torch.Tensor:
 
 
 def pool_last_token(head: ModelHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Backbone on a right-padded batch → hidden state at each row's last real token → head. Shape: ``(b, K)``."""
-    hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """Backbone on a right-padded batch → hidden state at each row's last real token → head. Shape: ``(b, K)``.
+
+    ``use_cache=False``: a scoring forward reads no cache afterwards, and Transformers would otherwise keep every
+    layer's keys and values of the whole batch until the forward ends (as much memory again as the activations).
+    """
+    hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # Under a device_map the last layer may sit on another device than the inputs.
     last = (attention_mask.sum(dim=1) - 1).to(hidden.device)
     return head.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])

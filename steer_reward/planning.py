@@ -2,14 +2,16 @@
 
 CPU and GPU time scale with the padded tensor (rows × longest row), so sequences are sorted by length and packed
 into micro-batches under a padded-token budget, which also bounds peak activation memory by tokens rather than by
-sample count. Callers restore input order with the returned indices.
+sample count. Ragged forwards (``steer_reward.ragged``) have no padding: they are filled up to the budget
+(``fill_forwards``), and prompt keys and values held across forwards count against it (``kv_token_cost``). Callers
+restore input order with the returned indices.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens"]
+__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens", "fill_forwards", "kv_token_cost"]
 
 
 def padded_tokens(lengths: Sequence[int], batch: Sequence[int]) -> int:
@@ -79,3 +81,43 @@ def plan_min_padding(lengths: Sequence[int], max_tokens: int, max_batch_size: in
         batches.append(order[j:cut[j]])
         j = cut[j]
     return batches
+
+
+def fill_forwards(lengths: Sequence[int], max_tokens: int, max_items: int) -> list[list[int]]:
+    """Padding-free forwards: first-fit decreasing bins of at most ``max_tokens`` tokens and ``max_items`` sequences.
+
+    A ragged forward costs its real tokens only, so fewer, fuller forwards are always cheaper. A sequence longer
+    than the budget runs alone. Every index appears exactly once.
+
+    >>> fill_forwards([5, 3, 4, 2], max_tokens=8, max_items=4)
+    [[0, 1], [2, 3]]
+    """
+    if max_tokens <= 0 or max_items <= 0:
+        raise ValueError("max_tokens and max_items must be positive")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free and len(bins[b]) < max_items:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return bins
+
+
+def kv_token_cost(config) -> float:
+    """Memory of one token's keys and values in every layer, in tokens of forward activations.
+
+    A prompt's cache is held while its completions run, so it counts against the same budget as the activations of
+    a forward: ``2 · layers · kv_heads · head_dim`` values per cached token against ``2 · d + 3 · d_ff`` live values
+    per token at a forward's peak (residual, normed input, and the MLP's gate, up and product). About 1.5 for
+    Llama shapes.
+    """
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * kv_heads * head_dim
+    return kv / (2 * hidden + 3 * config.intermediate_size)

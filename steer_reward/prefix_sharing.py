@@ -1,45 +1,56 @@
-"""Prefix sharing: each unique prompt runs once, its completions run against the prompt's KV cache.
+"""Prefix sharing over many prompt groups per forward: each unique prompt runs once, its completions run against
+the prompt's keys and values.
 
 GRPO / RLOO / best-of-n score G completions per prompt, and the formatter gives every completion of a prompt
 byte-identical ``prompt_ids`` (DESIGN.md, Formatting). Scoring a group then costs one prompt prefill plus the
-completion tokens, instead of G full sequences. The result is exact: a completion token at position ``P + i``
-attends to the P prompt keys and to completion keys ``0..i`` with the same rotary positions as in a plain
-forward of ``prompt + completion``.
+completion tokens, instead of G full sequences. Forwards are ragged (``steer_reward.ragged``): one **prefill
+forward** runs the prompts of several groups — and, filling its token budget, whole sequences whose prompt is not
+shared — and keeps the prompts' keys and values; **completion forwards** then run the completions of several groups,
+each against its own prompt. A completion token at position ``P + i`` attends to the P prompt keys and to completion
+keys ``0..i`` with the same rotary positions as in a plain forward of ``prompt + completion``, so every score is
+exact.
+
+The plan runs in **waves**: the prompts of one prefill forward are held while their completions run, then released.
+A wave's held keys and values count against ``max_tokens`` with ``planning.kv_token_cost``, so the peak memory of a
+wave stays within the budget that bounds a padded micro-batch.
 
 Supported architectures: decoder models whose Transformers ``*ForSequenceClassification`` class has a ``score``
 head (``find_head``), with full (non-sliding) causal attention, rotary positions and the ``sdpa`` or ``eager``
-attention implementation, which take an explicit 4-D mask: ``model_type`` llama (SteerLM-RM's HF conversion),
-mistral, qwen2, qwen3. Anything else (custom code such as ArmoRM, sliding-window layers, flash-attention) is
-reported by ``prefix_sharing_unsupported`` and the backend falls back to padded micro-batches.
+attention implementation: ``model_type`` llama (SteerLM-RM's HF conversion), mistral, qwen2, qwen3. Anything else
+(custom code such as ArmoRM, sliding-window layers, flash-attention) is reported by ``prefix_sharing_unsupported``
+and the backend falls back to padded micro-batches.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import nn
 
 from steer_reward.formatting import EncodedSample
 from steer_reward.forward import ModelHead
-from steer_reward.planning import plan_min_padding
+from steer_reward.planning import fill_forwards
+from steer_reward.ragged import LayerKV, RaggedLayout, Segment
 
 __all__ = [
     "PREFIX_SHARING_MODEL_TYPES",
     "PromptGroup",
     "group_by_prompt",
     "prefix_sharing_unsupported",
-    "PrefixSharedForward",
-    "additive_mask",
+    "ForwardBudget",
+    "PlannedForward",
+    "GroupPlan",
+    "plan_group_forwards",
+    "GroupScorer",
 ]
 
 PREFIX_SHARING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-"""Model types whose attention reads the explicit 4-D mask, position ids and cache exactly as used here."""
+"""Model types whose attention reads position ids and calls the registered attention function as used here."""
 
-_MASK_ATTENTION = ("sdpa", "eager")
+_RAGGED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -65,7 +76,7 @@ def group_by_prompt(samples: Sequence[EncodedSample]) -> list[PromptGroup]:
 
 
 def prefix_sharing_unsupported(model: nn.Module, head: ModelHead | None) -> str | None:
-    """Why prefix sharing cannot run on ``model`` exactly, or None when it can."""
+    """Why ragged forwards (prefix sharing, packing) cannot run on ``model`` exactly, or None when they can."""
     if head is None:
         return f"{type(model).__name__} is not a Transformers *ForSequenceClassification model with a score head"
     config = model.config
@@ -73,8 +84,8 @@ def prefix_sharing_unsupported(model: nn.Module, head: ModelHead | None) -> str 
     if model_type not in PREFIX_SHARING_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {', '.join(PREFIX_SHARING_MODEL_TYPES)}"
     attention = getattr(config, "_attn_implementation", None) or "eager"
-    if attention not in _MASK_ATTENTION:
-        return f"attention implementation {attention!r} does not take a 4-D mask (use sdpa or eager)"
+    if attention not in _RAGGED_ATTENTION:
+        return f"attention implementation {attention!r} is not sdpa or eager"
     layer_types = getattr(config, "layer_types", None) or ()
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     if sliding or any(kind != "full_attention" for kind in layer_types):
@@ -82,145 +93,230 @@ def prefix_sharing_unsupported(model: nn.Module, head: ModelHead | None) -> str 
     return None
 
 
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean may-attend mask as the additive bias both ``sdpa`` and ``eager`` read (eager adds the mask to
-    the scores, so a boolean mask would be added as 0/1). Same shape as ``allowed``."""
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+# ------------------------------------------------------------------------------------------------- planning
 
 
-def _cache_kwarg(backbone: nn.Module) -> str:
-    """The backbone's cache argument: ``cache`` in Transformers 5.x, ``past_key_values`` before."""
-    parameters = inspect.signature(backbone.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+@dataclass(frozen=True)
+class ForwardBudget:
+    """Limits of one ragged forward."""
+
+    max_tokens: int
+    """Tokens of a forward plus the prompt keys and values held meanwhile, in tokens (``kv_cost`` each)."""
+    max_segments: int
+    """Sequences in one forward (``batching.max_batch_size``)."""
+    kv_cost: float = 1.5
+    """``planning.kv_token_cost`` of the model: one held prompt token's keys and values, in forward tokens."""
 
 
-def _cache_tensors(output: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a forward's cache. Shape: ``(1, kv_heads, P, head_dim)`` each."""
-    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-    if cache is None:
-        raise RuntimeError("the backbone returned no KV cache although use_cache=True was passed")
-    return [(layer.keys, layer.values) for layer in cache.layers]
+@dataclass
+class PlannedForward:
+    """One ragged forward of a plan."""
+
+    kind: str
+    """``prefill`` (prompts and whole sequences, causal inside each) or ``completion`` (against held prompts)."""
+    segments: list[Segment]
+    scored: list[list[int]]
+    """Per segment, the samples whose score is read at its last token."""
+    samples: list[int]
+    """Every sample whose tokens this forward computes (a prefill lists all members of its prompts' groups)."""
+    wave: int = -1
+    """Forwards of one wave share held prompts; -1: a prefill of whole sequences only."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.segments)
 
 
-class PrefixSharedForward:
-    """Scores prompt groups: one prompt prefill, then the completions in length-sorted batches against its cache.
+@dataclass
+class GroupPlan:
+    forwards: list[PlannedForward]
+    from_cache: list[tuple[tuple[int, ...], list[int]]] = field(default_factory=list)
+    """(prompt, samples with an empty completion) scored from a cached prompt without any forward."""
 
-    ``max_tokens`` bounds the padded completion tokens of one completion batch (rows × longest completion) and
-    ``max_batch_size`` its rows; within that, cuts trade padding against ``overhead_tokens`` per forward
-    (``plan_min_padding``). The prompt cache is broadcast over the rows, not copied per completion.
+    def cost(self, overhead_tokens: int) -> float:
+        """Tokens computed plus ``overhead_tokens`` per forward."""
+        return sum(f.tokens for f in self.forwards) + overhead_tokens * len(self.forwards)
 
-    With ``cache_tokens > 0`` the prefills of recent prompts are kept between calls (least recently used dropped
-    first, bounded in prompt tokens), so the completions of one prompt arriving in different calls (a server
-    batching OpenRLHF's one-sample requests) still run the prompt once.
+
+def plan_group_forwards(samples: Sequence[EncodedSample], shared: Sequence[PromptGroup], unshared: Sequence[int],
+                        budget: ForwardBudget, cached: Callable[[tuple[int, ...]], bool] = lambda p: False
+                        ) -> GroupPlan:
+    """Waves of one prefill forward and its completion forwards, then prefill forwards of the remaining samples.
+
+    A wave holds the prompts of as many ``shared`` groups (in order) as fit ``max_tokens / (1 + kv_cost)`` prompt
+    tokens — the prefill's activations plus the keys and values it keeps — and fills the rest of its prefill
+    forward with whole ``unshared`` sequences, longest first. Its completions follow in group order, split into
+    forwards of ``max_tokens − kv_cost · held`` tokens. Prompts for which ``cached`` is true need no prefill.
+    """
+    max_tokens, max_segments, kv_cost = budget.max_tokens, budget.max_segments, budget.kv_cost
+    if max_tokens <= 0 or max_segments <= 0:
+        raise ValueError("max_tokens and max_batch_size must be positive")
+    wave_tokens = max_tokens / (1 + kv_cost)
+    waves: list[list[PromptGroup]] = []
+    held = 0
+    for group in shared:
+        cost = 0 if cached(group.prompt_ids) else len(group.prompt_ids)
+        if not waves or held + cost > wave_tokens or len(waves[-1]) >= max_segments:
+            waves.append([])
+            held = 0
+        waves[-1].append(group)
+        held += cost
+    pending = sorted(unshared, key=lambda i: (-len(samples[i]), i))
+    plan = GroupPlan([])
+    for number, wave in enumerate(waves):
+        prefilled = [g for g in wave if not cached(g.prompt_ids)]
+        held = sum(len(g.prompt_ids) for g in prefilled)
+        segments = [Segment(g.prompt_ids, keep=g.prompt_ids) for g in prefilled]
+        scored = [[i for i in g.members if not samples[i].completion_ids] for g in prefilled]
+        members = [i for g in prefilled for i in g.members]
+        room = max_tokens - (1 + kv_cost) * held
+        for i in list(pending):
+            if len(segments) >= max_segments:
+                break
+            if len(samples[i]) <= room:
+                segments.append(Segment(samples[i].input_ids))
+                scored.append([i])
+                members.append(i)
+                room -= len(samples[i])
+                pending.remove(i)
+        if segments:
+            plan.forwards.append(PlannedForward("prefill", segments, scored, members, number))
+        plan.from_cache += [(g.prompt_ids, [i for i in g.members if not samples[i].completion_ids])
+                            for g in wave if cached(g.prompt_ids)]
+        room = max(max_tokens - kv_cost * held, 1)
+        current: PlannedForward | None = None
+        for group in wave:
+            for i in group.members:
+                completion = samples[i].completion_ids
+                if not completion:
+                    continue
+                if current is None or (current.tokens + len(completion) > room
+                                       or len(current.segments) >= max_segments):
+                    current = PlannedForward("completion", [], [], [], number)
+                    plan.forwards.append(current)
+                current.segments.append(Segment(completion, start=len(group.prompt_ids), prompt=group.prompt_ids))
+                current.scored.append([i])
+                current.samples.append(i)
+    for batch in fill_forwards([len(samples[i]) for i in pending], max_tokens, max_segments):
+        indices = [pending[j] for j in batch]
+        plan.forwards.append(PlannedForward("prefill", [Segment(samples[i].input_ids) for i in indices],
+                                            [[i] for i in indices], indices))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+class GroupScorer:
+    """Plans and runs ragged forwards for one model; ``forward(layout) → (segments, K)`` scores of each segment's
+    last token (an in-process backbone and head, or a ZeRO-3 engine).
+
+    With ``cache_tokens > 0`` the keys, values and prompt-end scores of recent prompts are kept between calls
+    (least recently used dropped first, bounded in prompt tokens), so the completions of one prompt arriving in
+    different calls (a server batching OpenRLHF's one-sample requests) still run the prompt once.
     """
 
-    def __init__(self, head: ModelHead, max_tokens: int, max_batch_size: int, overhead_tokens: int = 0,
-                 cache_tokens: int = 0) -> None:
-        self.head = head
-        self.max_tokens = int(max_tokens)
-        self.max_batch_size = int(max_batch_size)
+    def __init__(self, forward: Callable[[RaggedLayout], torch.Tensor], budget: ForwardBudget,
+                 overhead_tokens: int = 0, cache_tokens: int = 0, call_tokens: int = 16) -> None:
+        self.forward = forward
+        self.budget = budget
         self.overhead_tokens = int(overhead_tokens)
-        self.cache_kwarg = _cache_kwarg(head.backbone)
-        self.forward_calls = 0
         self.cache_tokens = int(cache_tokens)
+        self.call_tokens = int(call_tokens)
         self.cache_hits = 0
         self.prefills = 0
-        """Prompt prefills run (a prompt-cache hit runs none)."""
-        self._cache: OrderedDict[tuple[int, ...], tuple[torch.Tensor, list]] = OrderedDict()
+        """Prompts run through the model: one per prefill of a shared prompt (a prompt-cache hit runs none), one per
+        sample with a prompt that runs whole."""
+        self._cache: OrderedDict[tuple[int, ...], tuple[LayerKV, torch.Tensor]] = OrderedDict()
         self._cached_tokens = 0
 
+    # -- prompt cache ---------------------------------------------------------------------------------------
     def is_cached(self, prompt_ids: Sequence[int]) -> bool:
-        """Whether the next ``score_group`` of this prompt skips its prefill."""
+        """Whether a prompt's prefill is kept from an earlier call."""
         return tuple(prompt_ids) in self._cache
 
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cached_tokens = 0
 
-    def _remember(self, key: tuple[int, ...], prefill: tuple[torch.Tensor, list]) -> None:
-        if not 0 < len(key) <= self.cache_tokens:
-            return
-        self._cache[key] = prefill
-        self._cached_tokens += len(key)
+    def set_cache_tokens(self, tokens: int) -> None:
+        self.cache_tokens = int(tokens)
         while self._cached_tokens > self.cache_tokens:
             evicted, _ = self._cache.popitem(last=False)
             self._cached_tokens -= len(evicted)
 
-    def _cached_prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        key = tuple(prompt_ids)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            self.cache_hits += 1
-            return hit
-        prefill = self._prefill(prompt_ids)
-        self._remember(key, prefill)
-        return prefill
+    def _remember(self, key: tuple[int, ...], kv: LayerKV, scores: torch.Tensor) -> None:
+        if not 0 < len(key) <= self.cache_tokens or key in self._cache:
+            return
+        # Copies: the forward's views would hold every prompt of its wave.
+        self._cache[key] = ([(k.clone(), v.clone()) for k, v in kv], scores.clone())
+        self._cached_tokens += len(key)
+        self.set_cache_tokens(self.cache_tokens)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.head.backbone.parameters()).device
+    # -- planning ---------------------------------------------------------------------------------------------
+    def split(self, samples: Sequence[EncodedSample], strategy: str) -> tuple[list[PromptGroup], list[int]]:
+        """Prompt groups that go through a prompt prefill, and the samples that run whole.
 
-    def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Last hidden state of the prompt (shape ``(d,)``) and its KV cache."""
-        from transformers import DynamicCache
-
-        input_ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        self.forward_calls += 1
-        self.prefills += 1
-        # No mask: a lone unpadded sequence takes SDPA's is_causal kernel.
-        output = self.head.backbone(input_ids=input_ids, use_cache=True,
-                                    **{self.cache_kwarg: DynamicCache(config=self.head.backbone.config)})
-        return output.last_hidden_state[0, -1], _cache_tensors(output)
-
-    def _completion_batch(self, prompt_length: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                          completions: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-        """Last hidden state of each completion read against the prompt cache. Shape: ``(b, d)``."""
-        from transformers import DynamicCache
-
-        rows, longest = len(completions), max(len(c) for c in completions)
-        input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
-        for row, ids in enumerate(completions):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        device = self.device
-        positions = torch.arange(prompt_length, prompt_length + longest, device=device)[None]
-        # Query i (absolute position P+i) sees every prompt key and completion keys 0..i. Right padding sits
-        # after each row's real tokens, so the causal part already hides it from real queries; one mask
-        # broadcasts over the rows.
-        mask = torch.ones((1, 1, longest, prompt_length + longest), dtype=torch.bool, device=device)
-        mask[0, 0, :, prompt_length:] = torch.ones((longest, longest), dtype=torch.bool, device=device).tril()
-        mask = additive_mask(mask, kv[0][0].dtype)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                             for k, v in kv])
-        self.forward_calls += 1
-        hidden = self.head.backbone(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions,
-                                    use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state
-        # Under a device_map the last layer may sit on another device than the inputs.
-        last = torch.as_tensor([len(c) - 1 for c in completions], device=hidden.device)
-        return hidden[torch.arange(rows, device=hidden.device), last]
-
-    def completion_batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Completion forwards after the prefill, as indices into the group's completions (empty ones need none)."""
-        nonempty = [i for i, n in enumerate(lengths) if n]
-        plan = plan_min_padding([lengths[i] for i in nonempty], self.max_tokens, self.max_batch_size,
-                                self.overhead_tokens)
-        return [[nonempty[j] for j in batch] for batch in plan]
-
-    @torch.inference_mode()
-    def score_group(self, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
-                    pad_id: int) -> torch.Tensor:
-        """Attributes of ``prompt + completion`` for each completion. Shape: ``(G, K)``, float32.
-
-        An empty completion is scored at the prompt's last token, as a plain forward of the prompt would be.
+        ``prefix`` shares every non-empty prompt, ``packed`` none. ``auto`` shares a prompt that several samples
+        use or that is cached, and — with a prompt cache — a long prompt whose completions may arrive in later
+        calls (one reuse repays its extra completion forward); then keeps the cheaper of that plan and running
+        everything whole, counting tokens computed plus ``overhead_tokens`` per forward.
         """
-        if not prompt_ids:
-            raise ValueError("prefix sharing needs a non-empty prompt; score prompt-less samples unshared")
-        prompt_hidden, kv = self._cached_prefill(prompt_ids)
-        pooled = prompt_hidden.new_empty((len(completions), prompt_hidden.shape[-1]))
-        for i in range(len(completions)):
-            if not completions[i]:
-                pooled[i] = prompt_hidden
-        for members in self.completion_batches([len(c) for c in completions]):
-            pooled[members] = self._completion_batch(len(prompt_ids), kv, [completions[i] for i in members], pad_id)
-        return self.head.head(pooled).float()
+        groups = group_by_prompt(samples)
+        if strategy == "packed":
+            return [], list(range(len(samples)))
+        if strategy == "prefix":
+            shared = [g for g in groups if g.prompt_ids]
+        else:
+            overhead = 2 * self.overhead_tokens
+            shared = [g for g in groups if g.prompt_ids and (
+                len(g.members) > 1 or self.is_cached(g.prompt_ids)
+                or (self.cache_tokens > 0 and len(g.prompt_ids) > overhead))]
+        chosen = {id(g) for g in shared}
+        unshared = sorted(i for g in groups if id(g) not in chosen for i in g.members)
+        return shared, unshared
+
+    def plan(self, samples: Sequence[EncodedSample], strategy: str) -> GroupPlan:
+        shared, unshared = self.split(samples, strategy)
+        plan = plan_group_forwards(samples, shared, unshared, self.budget, self.is_cached)
+        if strategy == "auto" and shared and not any(self.is_cached(g.prompt_ids) for g in shared):
+            whole = plan_group_forwards(samples, [], range(len(samples)), self.budget)
+            if whole.cost(self.overhead_tokens) <= plan.cost(self.overhead_tokens):
+                return whole
+        return plan
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def layout(self, forward: PlannedForward, prompt_kv=None) -> RaggedLayout:
+        return RaggedLayout(forward.segments, call_tokens=self.call_tokens, prompt_kv=prompt_kv or {})
+
+    def run(self, samples: Sequence[EncodedSample], plan: GroupPlan, out: torch.Tensor) -> None:
+        """Score every sample of ``plan`` into ``out`` ``(n, K)``, in input order."""
+        held: dict[tuple[int, ...], LayerKV] = {}
+        cached_kv = {key: kv for key, (kv, _) in self._cache.items()}
+        from_cache = set()
+        for key, members in plan.from_cache:
+            from_cache.add(key)
+            if members:
+                out[members] = self._cache[key][1].to(out.dtype).cpu()
+        wave = None
+        for forward in plan.forwards:
+            if forward.wave != wave:
+                held.clear()  # the previous wave's completions are done: release its prompts
+                wave = forward.wave
+            layout = self.layout(forward, ChainMap(held, cached_kv) if forward.kind == "completion" else None)
+            scores = self.forward(layout)
+            for rows, row_scores in zip(forward.scored, scores):
+                if rows:
+                    out[rows] = row_scores.to(out.dtype).cpu()
+            for segment, rows, row_scores in zip(forward.segments, forward.scored, scores):
+                if forward.kind == "prefill":
+                    self.prefills += 1 if segment.keep is not None else sum(1 for i in rows if samples[i].prompt_ids)
+                if segment.keep is not None:
+                    held[segment.keep] = layout.kept[segment.keep]
+                    self._remember(segment.keep, held[segment.keep], row_scores)
+                elif segment.prompt is not None and segment.prompt not in held:
+                    from_cache.add(segment.prompt)
+        for key in from_cache:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+        self.cache_hits += len(from_cache)

@@ -66,30 +66,54 @@ def zero3_run(demo_model_path, tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["empty_vs_37", "3_vs_17"])
-def test_zero3_scores_equal_plain_hf_forward_with_uneven_ranks(zero3_run, demo_scorer, scenario):
-    from steer_reward.formatting import RewardFormatter
+SCENARIO_NAMES = ["3_vs_17", "empty_vs_37", "groups_split_across_ranks", "singles_vs_groups"]
+
+
+def scenario_pairs(scenario: str, rank: int) -> list[tuple[str, str]]:
     scoring = worker("zero3_scoring")
-    counts = scoring.SCENARIOS[scenario]
+    if scenario in scoring.GROUP_SCENARIOS:
+        return scoring.group_scenario(scenario, rank)
     names = list(scoring.SCENARIOS)
     offset = sum(sum(scoring.SCENARIOS[name]) for name in names[: names.index(scenario)])
+    return scoring.shard(scoring.all_pairs(), scoring.SCENARIOS[scenario], rank, offset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", SCENARIO_NAMES)
+def test_zero3_scores_equal_plain_hf_forward_with_uneven_ranks(zero3_run, demo_scorer, scenario):
+    from steer_reward.formatting import RewardFormatter
+
     formatter = RewardFormatter(demo_scorer.tokenizer, "chat_template", 96)
     for report in zero3_run:
+        assert report["strategy"] == "auto"
         run = report[scenario]
-        mine = scoring.shard(scoring.all_pairs(), counts, report["rank"], offset)
+        mine = scenario_pairs(scenario, report["rank"])
         expected_ids = [list(s.input_ids) for s in formatter.encode([p for p, _ in mine], [c for _, c in mine])]
         assert run["input_ids"] == expected_ids
-        assert len(run["attributes"]) == counts[report["rank"]]
+        assert len(run["attributes"]) == len(mine)
         if expected_ids:
             reference = torch.stack([plain_hf_attributes(demo_scorer.model, ids) for ids in expected_ids])
             torch.testing.assert_close(torch.tensor(run["attributes"]), reference, atol=1e-4, rtol=0)
-    # Micro-batch counts differ between ranks; every rank still ran the same number of forwards.
+    # Plans differ between ranks; every rank still ran the same number of forwards of every kind.
     planned = [r[scenario]["planned"] for r in zero3_run]
     assert planned[0] != planned[1]
     assert [r[scenario]["forward_calls"] for r in zero3_run] == planned
-    totals = [r[scenario]["forward_calls"] + r[scenario]["dummy_calls"] for r in zero3_run]
-    assert totals == [max(planned)] * 2
+    kinds = [r[scenario]["kind_calls"] for r in zero3_run]
+    assert kinds[0] == kinds[1], kinds
+    assert [r[scenario]["forward_calls"] + r[scenario]["dummy_calls"] for r in zero3_run] == [sum(kinds[0].values())] * 2
+    if scenario != "3_vs_17":  # groups went through prompt prefills and completion forwards
+        assert kinds[0]["completion"] > 0 and kinds[0]["padded"] == 0
+
+
+@pytest.mark.slow
+def test_zero3_a_sample_that_fails_to_encode_stops_every_rank_at_once(zero3_run):
+    scoring = worker("zero3_scoring")
+    first, second = (r["bad_sample"] for r in zero3_run)
+    assert first["error"] == second["error"] == "FormattingError"
+    assert first["message"] == second["message"]
+    assert "rank 1: FormattingError" in first["message"] and str(scoring.BAD_COMPLETION) in first["message"]
+    assert max(first["elapsed_s"], second["elapsed_s"]) < 30  # not the 120 s process-group timeout
+    # The ranks stayed in step: the statistics rounds after it ran (checked in the statistics test).
 
 
 @pytest.mark.slow
@@ -353,10 +377,64 @@ def test_trainer_settings_are_read_from_accelerate_launch_env(monkeypatch):
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu" and cfg["bf16"]["enabled"] is False
 
 
-def test_local_only_strategies_are_named_in_a_warning():
-    from steer_reward.backends.deepspeed import padded_strategy_note
-    from steer_reward.config import load_config
+class EngineStub:
+    """One process stands in for a ZeRO-3 engine: calls its module (the engine's forward does the same)."""
 
-    assert padded_strategy_note(load_config({}).batching) is None
-    note = padded_strategy_note(load_config({"batching": {"strategy": "prefix"}}).batching)
-    assert "'prefix' is not available with backend: deepspeed" in note
+    def __init__(self, model) -> None:
+        from steer_reward.backends.deepspeed import LastTokenHead
+
+        self.module = LastTokenHead(model)
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "padded"])
+def test_zero3_backend_runs_the_local_plan_and_dummy_forwards_of_each_kind(demo_scorer, monkeypatch, strategy):
+    """The ZeRO-3 backend's plan and dummies in one process: agreed counts above this rank's own run dummy
+    forwards of each kind (a completion dummy reads a one-token zero prompt), whose results are discarded."""
+    from steer_reward.backends import deepspeed as ds
+    from steer_reward.config import BatchingConfig
+
+    samples = demo_scorer.encode(["Name a color.", "Hi", "Name a color.", "Name a color."],
+                                 ["Red.", "Hello!", "Blue, or green.", ""])
+    backend = ds.ZeroInferenceBackend(EngineStub(demo_scorer.model), demo_scorer.tokenizer.pad_token_id, 9,
+                                      BatchingConfig(strategy=strategy, forward_overhead_tokens=0))
+    assert backend.strategy == strategy
+    mine = dict(backend.kind_calls)
+    monkeypatch.setattr(ds, "_all_reduce_max", lambda values, device, timeout: [v + 2 for v in values[:3]] + [0])
+    got = backend.attributes(samples)
+    reference = torch.stack([plain_hf_attributes(demo_scorer.model, s.input_ids) for s in samples])
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
+    planned = len(backend.plan(samples))
+    assert backend.forward_calls == planned and backend.dummy_calls == 6
+    ran = {k: backend.kind_calls[k] - mine[k] for k in mine}
+    assert sum(ran.values()) == planned + 6 and all(n >= 2 for n in ran.values())
+    if strategy == "auto":
+        assert ran["completion"] == 3 and ran["padded"] == 2
+
+
+def test_zero3_backend_falls_back_to_padded_for_models_ragged_forwards_cannot_run(demo_scorer):
+    from steer_reward.backends.deepspeed import ZeroInferenceBackend
+    from steer_reward.config import BatchingConfig
+
+    model = demo_scorer.model
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "flex_attention"
+    try:
+        with pytest.warns(UserWarning, match="using padded micro-batches"):
+            backend = ZeroInferenceBackend(EngineStub(model), 0, 9, BatchingConfig(strategy="prefix"))
+    finally:
+        model.config._attn_implementation = previous
+    assert backend.strategy == "padded" and backend.groups is None
+
+
+def test_zero3_encoding_failure_in_one_process_raises_the_agreed_error():
+    from steer_reward.backends.deepspeed import _raise_agreed_failure
+    from steer_reward.distributed import DistributedError
+    from steer_reward.formatting import FormattingError
+
+    with pytest.raises(FormattingError, match=r"no rank scored this batch \(rank 0: FormattingError: bad one\)"):
+        _raise_agreed_failure(FormattingError("bad one"), None)
+    with pytest.raises(DistributedError, match="rank 0: KeyError"):
+        _raise_agreed_failure(KeyError("x"), None)

@@ -13,9 +13,9 @@ from steer_reward.backends.local import LocalBackend
 from steer_reward.config import BatchingConfig, ConfigError, load_config
 from steer_reward.formatting import EncodedSample
 from steer_reward.forward import find_head
-from steer_reward.packing import block_causal_mask, pack_rows
-from steer_reward.planning import plan_microbatches, plan_min_padding
-from steer_reward.prefix_sharing import group_by_prompt, prefix_sharing_unsupported
+from steer_reward.planning import fill_forwards, plan_microbatches, plan_min_padding
+from steer_reward.prefix_sharing import (ForwardBudget, group_by_prompt, plan_group_forwards,
+                                         prefix_sharing_unsupported)
 
 VOCAB, PAD = 300, 299
 TOL = dict(atol=1e-4, rtol=0)
@@ -58,54 +58,107 @@ def reference(model: nn.Module, samples) -> torch.Tensor:
     return torch.stack([plain_hf_attributes(model, s.input_ids) for s in samples])
 
 
+def check_plan(backend: LocalBackend, samples) -> None:
+    """plan() lists exactly the forwards attributes() ran, and covers every sample."""
+    plan = backend.plan(samples)
+    assert sorted({i for batch in plan for i in batch}) == list(range(len(samples)))
+    before = backend.forward_calls
+    torch.testing.assert_close(backend.attributes(samples), reference(backend.model, samples), **TOL)
+    assert backend.forward_calls - before == len(plan)
+
+
 @pytest.mark.parametrize("strategy", ["auto", "prefix", "packed", "padded"])
-def test_every_strategy_matches_plain_forward_in_input_order(strategy):
+@pytest.mark.parametrize("max_tokens", [4096, 80])
+def test_every_strategy_matches_plain_forward_in_input_order(strategy, max_tokens):
+    """A large budget puts every group in one wave; a small one splits prompts into several waves, completions of
+    one group across forwards, and runs a sequence longer than the budget alone."""
     model = tiny_model()
     samples = group_workload()
-    backend = LocalBackend(model, PAD, BatchingConfig(strategy=strategy, max_row_tokens=96, max_tokens=256,
-                                                            forward_overhead_tokens=0))
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy=strategy, max_row_tokens=96, max_tokens=max_tokens,
+                                                      forward_overhead_tokens=0))
     assert backend.strategy == strategy
-    torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
-    # plan() lists exactly the forwards attributes() runs, and covers every sample.
-    plan = backend.plan(samples)
-    assert backend.forward_calls == len(plan)
-    assert sorted({i for batch in plan for i in batch}) == list(range(len(samples)))
+    check_plan(backend, samples)
 
 
-@pytest.mark.parametrize("model_type,attention", [("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "sdpa")])
-def test_prefix_sharing_on_other_supported_architectures(model_type, attention):
+@pytest.mark.parametrize("call_tokens", [1, 16, 512])
+def test_self_attention_buckets_are_exact(call_tokens):
+    """One call per segment, padded buckets of similar lengths, and everything in one padded call (the GPU
+    setting) give the same scores."""
+    model = tiny_model()
+    samples = group_workload(seed=5)
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy="prefix"))
+    backend.groups.call_tokens = call_tokens
+    check_plan(backend, samples)
+
+
+@pytest.mark.parametrize("model_type,attention", [("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "sdpa"),
+                                                  ("qwen3", "sdpa")])
+def test_ragged_forwards_on_other_supported_architectures(model_type, attention):
     model = tiny_model(model_type, attention)
     assert prefix_sharing_unsupported(model, find_head(model)) is None
     samples = group_workload(seed=1)
     for strategy in ("prefix", "packed"):
         got = LocalBackend(model, PAD, BatchingConfig(strategy=strategy)).attributes(samples)
         torch.testing.assert_close(got, reference(model, samples), **TOL)
+    assert model.config._attn_implementation == attention  # restored after every ragged forward
 
 
-def test_prefix_sharing_runs_each_prompt_once():
+def test_many_groups_share_one_prefill_and_one_completion_forward():
     model = tiny_model()
     rng = random.Random(2)
-    prompts = [ids(rng, 50) for _ in range(3)]
+    prompts = [ids(rng, rng.randint(30, 60)) for _ in range(4)]
     samples = [EncodedSample(p, ids(rng, rng.randint(1, 20))) for p in prompts for _ in range(8)]
+    rng.shuffle(samples)
     backend = LocalBackend(model, PAD, BatchingConfig(strategy="auto"))
-    backend.attributes(samples)
-    # One prefill per prompt plus at least one completion batch per prompt.
-    assert 6 <= backend.forward_calls == len(backend.plan(samples)) <= 3 + 24
-    assert sum(1 for batch in backend.plan(samples) if len(batch) == 8) >= 3  # the three prefills
-    torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
+    plan = backend.groups.plan(samples, "auto")
+    assert [f.kind for f in plan.forwards] == ["prefill", "completion"]
+    assert len(plan.forwards[0].segments) == 4  # each prompt once
+    assert plan.forwards[1].tokens == sum(len(s.completion_ids) for s in samples)
+    check_plan(backend, samples)
 
 
-def test_auto_shares_a_prompt_only_when_it_saves_more_than_the_extra_forwards():
+@pytest.mark.parametrize("seed", range(4))
+def test_waves_keep_forwards_and_held_prompts_within_the_budget(seed):
+    rng = random.Random(seed)
+    samples = [EncodedSample(p, ids(rng, rng.randint(0, 40)))
+               for p in [ids(rng, rng.randint(1, 90)) for _ in range(12)] for _ in range(rng.randint(1, 6))]
+    budget = ForwardBudget(max_tokens=300, max_segments=7, kv_cost=1.5)
+    groups = group_by_prompt(samples)
+    shared = [g for g in groups if len(g.members) > 1]
+    unshared = [i for g in groups if len(g.members) == 1 for i in g.members]
+    plan = plan_group_forwards(samples, shared, unshared, budget)
+    scored = sorted(i for f in plan.forwards for rows in f.scored for i in rows)
+    assert scored == list(range(len(samples)))  # every sample scored exactly once
+    held: dict[int, int] = {}
+    for forward in plan.forwards:
+        assert len(forward.segments) <= 7
+        kept = sum(len(s.tokens) for s in forward.segments if s.keep is not None)
+        if forward.kind == "prefill" and forward.wave >= 0:
+            held[forward.wave] = kept
+        memory = forward.tokens + budget.kv_cost * (kept if forward.kind == "prefill" else held[forward.wave])
+        assert memory <= 300 or len(forward.segments) == 1 or (kept and len(forward.segments) == 1), forward
+        if forward.kind == "completion":
+            assert all(s.prompt is not None and s.start == len(s.prompt) for s in forward.segments)
+
+
+def test_auto_shares_prompts_only_when_it_saves_more_than_the_extra_forward():
     model = tiny_model()
     rng = random.Random(4)
-    short, long = ids(rng, 10), ids(rng, 200)
-    samples = [EncodedSample(short, ids(rng, 5)) for _ in range(3)] + [EncodedSample(long, ids(rng, 5))
-                                                                      for _ in range(3)]
+    short = ids(rng, 6)
+    few = [EncodedSample(short, ids(rng, 5)) for _ in range(3)]
     backend = LocalBackend(model, PAD, BatchingConfig(forward_overhead_tokens=128))
-    plan = backend.plan(samples)
-    # The long prompt (2 × 200 tokens saved) is prefilled once; the short one (2 × 10) rides in a padded batch.
-    assert [3, 4, 5] in plan and all(set(batch) <= {0, 1, 2} for batch in plan if not set(batch) & {3, 4, 5})
-    torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
+    # Sharing 6-token prompts saves 12 tokens but needs a completion forward: one forward of whole sequences.
+    assert backend.plan(few) == [[0, 1, 2]]
+    long = ids(rng, 200)
+    many = few + [EncodedSample(long, ids(rng, 5)) for _ in range(3)]
+    plan = backend.groups.plan(many, "auto")
+    assert [f.kind for f in plan.forwards] == ["prefill", "completion"]
+    check_plan(backend, few)
+    check_plan(backend, many)
+    # prefix shares even where it does not pay; packed never shares.
+    assert len(LocalBackend(model, PAD, BatchingConfig(strategy="prefix")).plan(few)) == 2
+    assert all(s.prompt is None and s.keep is None for f in backend.groups.plan(many, "packed").forwards
+               for s in f.segments)
 
 
 def test_left_truncated_prompts_match(demo_scorer):
@@ -124,11 +177,40 @@ def test_left_truncated_prompts_match(demo_scorer):
     torch.testing.assert_close(backend.attributes(samples), reference(model, samples), **TOL)
 
 
-def test_bfloat16_prefix_sharing_stays_close():
-    model = tiny_model().to(torch.bfloat16)
+def test_bfloat16_ragged_forwards_stay_close(tmp_path):
+    """bf16 against a reference loaded in bf16 (DESIGN.md: ``model.to(bf16)`` also casts RoPE's inv_freq)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_model().save_pretrained(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     samples = group_workload(seed=3)
-    got = LocalBackend(model, PAD, BatchingConfig(strategy="prefix")).attributes(samples)
-    torch.testing.assert_close(got, reference(model, samples), atol=5e-2, rtol=0)
+    expected = reference(model, samples)
+    for strategy in ("prefix", "packed"):
+        got = LocalBackend(model, PAD, BatchingConfig(strategy=strategy)).attributes(samples)
+        torch.testing.assert_close(got, expected, atol=5e-2, rtol=0)
+
+
+def test_fused_attention_with_lse_equals_reference_math():
+    from steer_reward.ragged import _math_attention_lse, attention_with_lse
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 11, 16, generator=generator)
+    for keys, causal in ((11, True), (29, False)):
+        k, v = torch.randn(3, 2, keys, 16, generator=generator), torch.randn(3, 2, keys, 16, generator=generator)
+        out, lse = attention_with_lse(q, k, v, causal, 0.3)
+        ref, ref_lse = _math_attention_lse(q, k, v, causal, 0.3)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+def test_ragged_attention_is_switched_off_after_a_failed_forward():
+    from steer_reward.ragged import RaggedLayout, Segment, run_ragged
+
+    model = tiny_model()
+    layout = RaggedLayout([Segment((1, 2, 3), start=3, prompt="missing")])  # no prompt keys given
+    with pytest.raises(KeyError):
+        run_ragged(find_head(model).backbone, layout)
+    assert model.config._attn_implementation == "sdpa"
 
 
 class CustomRewardModel(nn.Module):
@@ -170,15 +252,20 @@ def test_group_by_prompt_keeps_prefix_prompts_apart():
                                                                               ((), [3])]
 
 
-def test_pack_rows_and_block_mask():
-    lengths = [5, 3, 4, 2, 9]
-    rows = pack_rows(lengths, 8)
-    assert sorted(i for row in rows for i in row) == list(range(5))
-    assert all(sum(lengths[i] for i in row) <= 8 or len(row) == 1 for row in rows)
-    mask, positions = block_causal_mask([2, 3], 6)
-    assert positions.tolist() == [0, 1, 0, 1, 2, 0]
-    assert mask[3].tolist() == [False, False, True, True, False, False]
-    assert mask.any(dim=1).all()  # no query row fully masked (would be NaN)
+@pytest.mark.parametrize("seed", range(5))
+def test_fill_forwards_and_attention_buckets_are_partitions(seed):
+    from steer_reward.ragged import plan_attention_buckets
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 500) for _ in range(rng.randint(1, 40))]
+    forwards = fill_forwards(lengths, max_tokens=900, max_items=6)
+    assert sorted(i for f in forwards for i in f) == list(range(len(lengths)))
+    assert all(len(f) <= 6 and (len(f) == 1 or sum(lengths[i] for i in f) <= 900) for f in forwards)
+    for call_tokens in (1, 64, 10_000):
+        buckets = plan_attention_buckets(lengths, call_tokens)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert len(plan_attention_buckets(lengths, 10_000)) == 1
+    assert len(plan_attention_buckets(lengths, 1)) == len(set(lengths))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -211,12 +298,16 @@ def test_prompt_cache_runs_a_prompt_once_across_calls():
     planned = backend.plan(second)
     before = backend.forward_calls
     torch.testing.assert_close(backend.attributes(second), reference(model, second), **TOL)
-    assert backend.forward_calls - before == len(planned)
-    assert backend._prefix.cache_hits == 2
-    # Without the cache the second call runs both prefills again.
+    assert backend.forward_calls - before == len(planned) == 1  # one completion forward, no prefill
+    assert backend.groups.cache_hits == 2
+    # Without the cache the second call runs the prefill of both prompts again.
     uncached = LocalBackend(model, PAD, BatchingConfig(strategy="prefix"))
     uncached.attributes(first)
-    assert len(uncached.plan(second)) == len(planned) + 2
+    assert [f.kind for f in uncached.groups.plan(second, "prefix").forwards] == ["prefill", "completion"]
+    # An empty completion of a cached prompt is scored from the cache, with no forward at all.
+    empty = [EncodedSample(prompts[0], ())]
+    assert backend.plan(empty) == []
+    torch.testing.assert_close(backend.attributes(empty), reference(model, empty), **TOL)
 
 
 def test_prompt_cache_is_bounded_and_drops_the_least_recent():
@@ -226,7 +317,7 @@ def test_prompt_cache_is_bounded_and_drops_the_least_recent():
     backend = LocalBackend(model, PAD, BatchingConfig(strategy="prefix", prompt_cache_tokens=90))
     for p in prompts:
         backend.attributes([EncodedSample(p, ids(rng, 5))])
-    cache = backend._prefix
+    cache = backend.groups
     assert cache._cached_tokens <= 90
     assert not cache.is_cached(prompts[0]) and cache.is_cached(prompts[1]) and cache.is_cached(prompts[2])
     backend.set_prompt_cache_tokens(0)

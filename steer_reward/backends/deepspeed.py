@@ -7,9 +7,12 @@ What ZeRO-3 inference needs (DESIGN.md, "DeepSpeed ZeRO-3", verified on CPU with
   ``zero_optimization`` (TRL's ``prepare_deepspeed`` writes dotted top-level keys DeepSpeed ignores), and no
   ``"auto"`` values;
 - parameters are gathered by forward hooks, so the forward goes through the engine: the engine's module is
-  ``LastTokenHead``, which reads the head at each sequence's last real token (the local backend's head path);
-- every forward is a collective: ranks agree on the micro-batch count (all-reduce MAX) and short ranks, including
-  ranks with no samples at all, run dummy micro-batches whose results are discarded.
+  ``LastTokenHead``, which reads the head at each sequence's last real token (the local backend's head path), or
+  runs one ragged forward of the local backend's plan (prefix sharing over many groups per forward);
+- every forward is a collective: ranks agree on the count of each kind of forward (prefill, completion, padded)
+  with one all-reduce MAX, and short ranks, including ranks with no samples at all, run dummy forwards of that kind
+  whose results are discarded. A rank whose samples failed to encode says so in the same all-reduce, so every rank
+  raises the same error at once instead of waiting in a collective until the process-group timeout.
 
 Inside an ``accelerate`` DeepSpeed run (TRL trainers) the trainer's process group is reused and the offload and
 precision settings come from its DeepSpeed plugin; standalone, the backend joins the launch's process group itself
@@ -23,7 +26,6 @@ import copy
 import dataclasses
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -31,11 +33,12 @@ import torch
 from torch import nn
 
 from steer_reward.config import BatchingConfig, ConfigError, SteerRewardConfig
-from steer_reward.distributed import (RankMomentsSync, all_reduce_max, collective, ensure_process_group,
-                                      local_device, skip_cpu_shm_build)
-from steer_reward.formatting import EncodedSample, RewardFormatter
+from steer_reward.distributed import (DistributedError, RankMomentsSync, collective, ensure_process_group,
+                                      is_distributed, local_device, skip_cpu_shm_build)
+from steer_reward.formatting import EncodedSample, FormattingError, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
 from steer_reward.planning import plan_microbatches
+from steer_reward.ragged import RaggedLayout, Segment, run_ragged
 from steer_reward.scoring import AttributeScores, AttributeScorer
 
 __all__ = [
@@ -58,8 +61,11 @@ class LastTokenHead(nn.Module):
     """The engine's module: backbone → hidden state at each row's last real token → head.
 
     ``forward.pool_last_token`` (the local backend's head path) as a module so that DeepSpeed's hooks
-    gather every parameter (backbone and head) during the engine's forward. Models without a standard head
-    (custom code) run their own forward. Output ``.logits`` shape: ``(b, K)``.
+    gather every parameter (backbone and head) during the engine's forward. With ``ragged`` it runs one ragged
+    forward instead (``ragged.run_ragged``, the local backend's fast path) and reads the head at each segment's
+    last token. Both call the same modules in the same order — embedding, every layer, final norm, head — so every
+    forward of every kind issues the same sequence of parameter all-gathers. Models without a standard head
+    (custom code) run their own forward. Output ``.logits`` shape: ``(b, K)`` (``(segments, K)`` when ragged).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -71,22 +77,66 @@ class LastTokenHead(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                ragged: RaggedLayout | None = None) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
+        if ragged is not None:
+            return SequenceClassifierOutput(logits=self._head.head(run_ragged(self._head.backbone, ragged)))
         if self._head is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask)
         return SequenceClassifierOutput(logits=pool_last_token(self._head, input_ids, attention_mask))
 
 
+FORWARD_KINDS = ("prefill", "completion", "padded")
+"""Kinds of forward whose counts ranks agree on: ragged prefill, ragged completion, right-padded micro-batch."""
+
+
+def _all_reduce_max(values: Sequence[int], device: torch.device, timeout_s: float | None) -> list[int]:
+    """Element-wise MAX of ``values`` over all ranks, one all-reduce (``values`` itself in a single process)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
+    with collective("agreeing on the forward counts (all-reduce MAX)", timeout_s):
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
+
+
+def _raise_agreed_failure(error: BaseException | None, timeout_s: float | None) -> None:
+    """Raise the same error on every rank once the all-reduce said some rank's samples failed to encode.
+
+    The failing ranks' messages are gathered (a collective only on this failure path), so every rank raises the
+    same text: a ``FormattingError`` when every failure is one (a user error: the CLI and trainers report it as
+    such), else a ``DistributedError`` chained to the local failure where there is one.
+    """
+    reports: list = [None]
+    local = None if error is None else (type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    if is_distributed():
+        reports = [None] * torch.distributed.get_world_size()
+        with collective("gathering the encoding errors (all-gather)", timeout_s):
+            torch.distributed.all_gather_object(reports, local)
+    else:
+        reports = [local]
+    failed = [(r, report) for r, report in enumerate(reports) if report is not None]
+    detail = "; ".join(f"rank {r}: {name}: {message}" for r, (name, message) in failed)
+    text = f"a sample could not be encoded, so no rank scored this batch ({detail})"
+    kind = FormattingError if all(name == FormattingError.__name__ for _, (name, _) in failed) else DistributedError
+    raise kind(text) from error
+
+
 class ZeroInferenceBackend:
     """Scores encoded samples with a ZeRO-3 engine; a collective on every call.
 
-    ``forward_calls`` counts real micro-batches, ``dummy_calls`` the discarded ones run to match other ranks.
+    Runs the local backend's plan (``prefix_sharing.GroupScorer``: ragged prefill and completion forwards, many
+    prompt groups per forward) when the model supports it, else padded micro-batches. ``forward_calls`` counts real
+    forwards, ``dummy_calls`` the discarded ones run to match other ranks; ``kind_calls`` counts both per kind.
     """
 
     def __init__(self, engine: Any, pad_id: int, num_outputs: int, batching: BatchingConfig | None = None,
                  device: torch.device | str = "cpu", timeout_s: float | None = None) -> None:
+        from steer_reward.backends.local import attention_call_tokens, ragged_budget, resolve_strategy
+        from steer_reward.prefix_sharing import GroupScorer
+
         self.engine = engine
         self.pad_id = int(pad_id)
         self.num_outputs = int(num_outputs)
@@ -95,8 +145,24 @@ class ZeroInferenceBackend:
         self.timeout_s = timeout_s
         self.forward_calls = 0
         self.dummy_calls = 0
+        self.kind_calls = dict.fromkeys(FORWARD_KINDS, 0)
+        module = getattr(engine, "module", None)
+        model = getattr(module, "model", None)
+        head = find_head(model) if model is not None else None
+        self.strategy = resolve_strategy(self.batching.strategy, model, head, stacklevel=4) if model is not None \
+            else "padded"
+        self.groups = None
+        self._config = getattr(model, "config", None)
+        if self.strategy != "padded":
+            b = self.batching
+            self.groups = GroupScorer(self._ragged_forward, ragged_budget(b, self._config, self.strategy),
+                                      b.forward_overhead_tokens, b.prompt_cache_tokens,
+                                      attention_call_tokens(self.device))
 
     def plan(self, samples: Sequence[EncodedSample]) -> list[list[int]]:
+        """The real forwards ``attributes(samples)`` runs on this rank, each as the samples it computes."""
+        if self.groups is not None:
+            return [f.samples for f in self.groups.plan(samples, self.strategy).forwards]
         return plan_microbatches([len(s) for s in samples], self.batching.max_tokens, self.batching.max_batch_size)
 
     def run_microbatch(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -111,21 +177,63 @@ class ZeroInferenceBackend:
         with torch.no_grad(), collective("a ZeRO-3 forward (parameter all-gather)", self.timeout_s):
             return read_outputs(self.engine(input_ids=input_ids, attention_mask=attention_mask)).float()
 
-    def attributes(self, samples: Sequence[EncodedSample]) -> torch.Tensor:
+    def _ragged_forward(self, layout: RaggedLayout) -> torch.Tensor:
+        """Scores at each segment's last token of one ragged forward through the engine. Shape: ``(segments, K)``."""
+        kind = "completion" if layout.is_completion else "prefill"
+        self.forward_calls += 1
+        self.kind_calls[kind] += 1
+        with torch.no_grad(), collective(f"a ZeRO-3 {kind} forward (parameter all-gather)", self.timeout_s):
+            return read_outputs(self.engine(ragged=layout)).float()
+
+    def _dummy(self, kind: str) -> None:
+        """One discarded forward of ``kind`` on a single pad token (a completion reads a one-token zero prompt)."""
+        self.dummy_calls += 1
+        self.kind_calls[kind] += 1
+        if kind == "padded":
+            self.run_microbatch([(self.pad_id,)])
+            return
+        prompt_kv = {}
+        segment = Segment((self.pad_id,))
+        if kind == "completion":
+            config = self._config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            dtype = next(self.engine.module.parameters()).dtype
+            zeros = torch.zeros((1, kv_heads, 1, head_dim), dtype=dtype, device=self.device)
+            prompt_kv = {"dummy": [(zeros, zeros)] * config.num_hidden_layers}
+            segment = Segment((self.pad_id,), start=1, prompt="dummy")
+        with torch.no_grad(), collective(f"a ZeRO-3 {kind} forward (parameter all-gather)", self.timeout_s):
+            self.engine(ragged=RaggedLayout([segment], prompt_kv=prompt_kv))
+
+    def attributes(self, samples: Sequence[EncodedSample], error: BaseException | None = None) -> torch.Tensor:
         """Attributes of every sample, in input order. Shape: ``(n, K)``, float32 on CPU.
 
-        Every rank runs the same number of forwards (DESIGN.md: unequal counts hang ZeRO-3), so a rank with fewer
-        micro-batches, or none, runs one-token dummy batches until all ranks are done.
+        Every rank runs the same number of forwards of each kind (DESIGN.md: unequal counts hang ZeRO-3): one
+        all-reduce MAX agrees on the counts, and on whether any rank's ``error`` (a sample that failed to encode)
+        stops the call everywhere; then a rank with fewer forwards of a kind, or none, runs one-token dummy forwards
+        of that kind.
         """
-        plan = self.plan(samples)
-        rounds = all_reduce_max(len(plan), self.device, self.timeout_s)
+        plan = self.groups.plan(samples, self.strategy) if self.groups is not None else None
+        if plan is not None:
+            mine = [sum(f.kind == kind for f in plan.forwards) for kind in FORWARD_KINDS[:2]] + [0]
+            batches: list[list[int]] = []
+        else:
+            batches = plan_microbatches([len(s) for s in samples], self.batching.max_tokens,
+                                        self.batching.max_batch_size)
+            mine = [0, 0, len(batches)]
+        agreed = _all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s)
+        if agreed[-1]:
+            _raise_agreed_failure(error, self.timeout_s)
         out = torch.empty((len(samples), self.num_outputs), dtype=torch.float32)
-        for batch in plan:
+        if plan is not None:
+            self.groups.run(samples, plan, out)
+        for batch in batches:
             out[batch] = self.run_microbatch([samples[i].input_ids for i in batch]).cpu()
             self.forward_calls += 1
-        for _ in range(rounds - len(plan)):
-            self.run_microbatch([(self.pad_id,)])
-            self.dummy_calls += 1
+            self.kind_calls["padded"] += 1
+        for kind, have, need in zip(FORWARD_KINDS, mine, agreed):
+            for _ in range(need - have):
+                self._dummy(kind)
         return out
 
     def partition_numel(self) -> tuple[int, int]:
@@ -151,6 +259,19 @@ class DeepSpeedAttributeScorer(AttributeScorer):
     def score_encoded(self, samples: Sequence[EncodedSample]) -> AttributeScores:
         # The base class skips the backend for an empty batch; here that rank would leave the others waiting.
         values = self.backend.attributes(samples)
+        return AttributeScores.from_samples(values, self.schema.names, samples)
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> AttributeScores:
+        """Attributes of each (prompt, completion), in input order; a collective.
+
+        A batch that fails to encode on this rank still joins the count agreement, flagged, so that every rank
+        raises the same error within one all-reduce instead of the others waiting out the process-group timeout.
+        """
+        try:
+            samples, error = self.encode(prompts, completions), None
+        except Exception as err:  # noqa: BLE001 - any failure here must reach the other ranks
+            samples, error = [], err
+        values = self.backend.attributes(samples, error=error)
         return AttributeScores.from_samples(values, self.schema.names, samples)
 
 
@@ -310,16 +431,6 @@ def build_ds_config(config: SteerRewardConfig, hidden: int, dtype: str, trainer:
     return inference_config(dtype, hidden, offload)
 
 
-def padded_strategy_note(batching: BatchingConfig) -> str | None:
-    """A warning when ``batching.strategy`` asks for a fast path this backend does not run (it runs padded
-    length-sorted micro-batches only: prefix sharing and packing are local-backend strategies)."""
-    strategy = getattr(batching, "strategy", "auto")
-    if strategy in ("auto", "padded"):
-        return None
-    return (f"batching.strategy: {strategy!r} is not available with backend: deepspeed; ZeRO-3 scoring runs padded "
-            "length-sorted micro-batches")
-
-
 # --------------------------------------------------------------------------------------------------- loading
 
 
@@ -357,9 +468,6 @@ def build_deepspeed_scorer(config: SteerRewardConfig) -> DeepSpeedAttributeScore
     from steer_reward.modeling import model_folder, load_reward_model
     from steer_reward.schema import resolve_schema
 
-    note = padded_strategy_note(config.batching)
-    if note:
-        warnings.warn(note, stacklevel=2)
     skip_cpu_shm_build()
     timeout_s = config.deepspeed.timeout_s
     if not ensure_process_group(timeout_s):
