@@ -292,12 +292,13 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         o, l = attention_with_lse(query[:, :, a:b], prompt_k, prompt_v, False, scale)
         prompt_out[:, :, a:b] = o
         lse_prompt[:, :, a:b] = l
-    # Softmax over prompt keys ∪ own keys, from the two partial softmaxes.
-    top = torch.maximum(lse_self, lse_prompt)
-    w_self, w_prompt = torch.exp(lse_self - top), torch.exp(lse_prompt - top)
-    norm = w_self + w_prompt
-    combined = out.float() * (w_self / norm)[..., None] + prompt_out.float() * (w_prompt / norm)[..., None]
-    out.copy_(combined)
+    # Softmax over prompt keys ∪ own keys from the two partial softmaxes: the prompt part's share of the total
+    # weight is sigmoid(lse_prompt − lse_self), so o = o_self + share · (o_prompt − o_self), one fused lerp.
+    share = torch.sigmoid(lse_prompt - lse_self)[..., None]
+    if out.dtype == torch.float32:
+        out.lerp_(prompt_out, share)
+    else:  # bf16 / fp16: combine in float32, round once
+        out.copy_(out.float().lerp_(prompt_out.float(), share))
     return result, None
 
 

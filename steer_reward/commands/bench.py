@@ -1,13 +1,18 @@
 """``steer-reward bench``: in one run, TRL's reward-model path vs padded micro-batches vs steer-reward's fast path.
 
 ``--workload openrlhf-client`` is the server benchmark (``steer_reward.server.bench``); it shares the generic
-options and fills its own defaults.
+options and fills its own defaults. ``--backend deepspeed`` runs the grpo workload under ZeRO-3 on ``--ranks``
+processes it launches itself (``steer_reward.bench.zero3``): TRL's ZeRO-3 reward path vs ZeRO-3 padded micro-batches
+vs ZeRO-3 with steer-reward's plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import subprocess
 import sys
 
 from steer_reward.commands.common import add_reward_args
@@ -47,6 +52,10 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak TFLOP/s (e.g. 989 for H100/H200 bf16 dense) to also report MFU")
+    parser.add_argument("--backend", choices=["local", "deepspeed"], default="local",
+                        help="deepspeed: the grpo workload under ZeRO-3 on --ranks processes launched by this command "
+                             "(needs the deepspeed and trl extras)")
+    parser.add_argument("--ranks", type=int, default=2, help="--backend deepspeed: processes (default: 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
 
@@ -84,20 +93,84 @@ def _table(report: dict) -> str:
     lines = [f"{w['name']} on {w['model']} ({w['dtype']}, {w['device']}): "
              f"{w['samples']} samples, {w['tokens']} tokens, {w['unique_tokens']} unique, "
              f"{w['useful_gflop']:.1f} useful GFLOP",
-             f"{'path':<10}{'seconds':>10}{'tokens/s':>12}{'roofline':>10}{'max|Δ| vs trl':>15}"]
+             f"{'path':<10}{'seconds':>10}{'(median, max)':>16}{'tokens/s':>10}{'roofline':>10}{'peak MiB':>10}"
+             f"{'max|Δ| vs trl':>15}"]
     for name, path in report["paths"].items():
-        lines.append(f"{name:<10}{path['seconds']:>10.2f}{path['tokens_per_s']:>12.0f}"
-                     f"{report['roofline_fraction_by_path'][name]:>10.2f}"
+        spread = "({median:.2f}, {max:.2f})".format(**path["seconds_spread"])
+        memory = "-" if path["peak_memory_mb"] is None else f"{path['peak_memory_mb']:.0f}"
+        lines.append(f"{name:<10}{path['seconds']:>10.2f}{spread:>16}{path['tokens_per_s']:>10.0f}"
+                     f"{report['roofline_fraction_by_path'][name]:>10.2f}{memory:>10}"
                      f"{report['max_abs_diff_by_path'][name]:>15.2e}")
-    lines.append(f"steer strategy: {report['paths']['steer']['strategy']}; speedup vs trl "
-                 f"{report['speedup_vs_trl']:.2f}x, vs bucketed {report['speedup_vs_bucketed']:.2f}x; "
-                 f"GEMM {report['gemm_gflops']:.0f} GFLOP/s, compute floor {report['compute_floor_s']:.2f} s")
+    trl, bucketed = report["speedup_vs_trl_spread"], report["speedup_vs_bucketed_spread"]
+    lines.append(f"steer strategy: {report['paths']['steer']['strategy']} ({report['paths']['steer']['forwards']} "
+                 f"forwards); speedup vs trl {report['speedup_vs_trl']:.2f}x (per repeat {trl['min']:.2f}–"
+                 f"{trl['max']:.2f}), vs bucketed {report['speedup_vs_bucketed']:.2f}x (per repeat "
+                 f"{bucketed['min']:.2f}–{bucketed['max']:.2f}); GEMM {report['gemm_gflops']:.0f} GFLOP/s, compute "
+                 f"floor {report['compute_floor_s']:.2f} s")
+    if "cpu_time" in report:
+        cpu = report["cpu_time"]
+        lines.append(f"CPU time of this process (less sensitive to other jobs on the machine): speedup vs trl "
+                     f"{cpu['speedup_vs_trl']:.2f}x, vs bucketed {cpu['speedup_vs_bucketed']:.2f}x, roofline "
+                     f"{cpu['roofline_fraction']:.2f} (GEMM {cpu['gemm_gflops_per_cpu_s']:.0f} GFLOP per CPU-s)")
+    if report.get("memory_vs_bucketed"):
+        lines.append(f"peak memory of steer / bucketed: {report['memory_vs_bucketed']:.2f}")
     if "mfu" in report:
         lines.append(f"MFU of steer path: {report['mfu']:.3f}")
     return "\n".join(lines)
 
 
+def _zero3_table(report: dict) -> str:
+    w = report["workload"]
+    lines = [f"{w['name']} on {w['model']} ({w['dtype']}, {w['device']}), ZeRO-3 on {w['ranks']} ranks: "
+             f"{w['samples']} samples, {w['tokens']} tokens",
+             f"{'path':<14}{'seconds':>10}{'(median, max)':>16}{'tokens/s':>10}{'max|Δ| vs trl':>15}"]
+    for name, path in report["paths"].items():
+        spread = "({median:.2f}, {max:.2f})".format(**path["seconds_spread"])
+        lines.append(f"{name:<14}{path['seconds']:>10.2f}{spread:>16}{path['tokens_per_s']:>10.0f}"
+                     f"{path['max_abs_diff_vs_trl']:>15.2e}")
+    padded = report["speedup_vs_padded_zero3_spread"]
+    lines.append(f"steer strategy: {report['steer_strategy']}; forwards per rank {report['forwards_per_rank']}; "
+                 f"speedup vs TRL ZeRO-3 {report['speedup_vs_trl_zero3']:.2f}x, vs ZeRO-3 padded "
+                 f"{report['speedup_vs_padded_zero3']:.2f}x (per repeat {padded['min']:.2f}–{padded['max']:.2f})")
+    return "\n".join(lines)
+
+
+def run_zero3(args: argparse.Namespace) -> dict:
+    """Launch ``steer_reward.bench.zero3`` on ``--ranks`` processes and return rank 0's report."""
+    from steer_reward.bench.zero3 import REPORT_PREFIX
+    from steer_reward.errors import InputError, require_extra
+
+    require_extra("deepspeed", "deepspeed")
+    require_extra("trl", "trl")
+    options = _options(args)
+    if options.workload != "grpo":
+        raise InputError("--backend deepspeed runs the grpo workload only")
+    if not options.model.startswith("shape:"):
+        raise InputError("--backend deepspeed benchmarks a named shape (--model shape:NAME); it builds the same "
+                         "seeded weights on every rank")
+    if args.ranks < 1:
+        raise InputError(f"--ranks must be positive, got {args.ranks}")
+    payload = {"model": options.model, "dtype": options.dtype, "prompts": options.prompts,
+               "group_size": options.group_size, "prompt_tokens": options.prompt_tokens,
+               "completion_tokens": options.completion_tokens, "repeats": options.repeats, "seed": options.seed,
+               "batching": dataclasses.asdict(options.batching)}
+    threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
+           "-m", "steer_reward.bench.zero3", json.dumps(payload)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(REPORT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the ZeRO-3 benchmark ranks exited with {proc.returncode} (their log is above)")
+    return json.loads(lines[-1][len(REPORT_PREFIX):])
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "deepspeed":
+        report = run_zero3(args)
+        print(json.dumps(report) if args.json else _zero3_table(report), file=sys.stdout)
+        return 0
     if args.workload == "openrlhf-client" and args.ray_replicas is not None:
         from steer_reward.server.ray_bench import run_ray_client_bench
 
