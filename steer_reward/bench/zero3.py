@@ -10,7 +10,7 @@
 
 The samples are split across ranks in contiguous shares, as TRL's sampler hands a global batch to its processes
 (groups may straddle two ranks). Every path runs between barriers, so a time is the slowest rank's; paths are
-interleaved ``repeats`` times. Launched by the command itself::
+interleaved ``repeats`` times; the CPU seconds of all ranks are reported too. Launched by the command itself::
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m steer_reward.bench.zero3 OPTIONS_JSON
 
@@ -36,14 +36,18 @@ __all__ = ["REPORT_PREFIX", "main"]
 REPORT_PREFIX = "ZERO3_BENCH "
 
 
-def _barrier_time(run) -> tuple[float, object]:
+def _barrier_time(run) -> tuple[float, float, object]:
+    """(wall seconds of the slowest rank, CPU seconds summed over ranks, this rank's output)."""
     import torch.distributed as dist
 
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = run()
+    cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64)
     dist.barrier()
-    return time.perf_counter() - start, out
+    elapsed = time.perf_counter() - start
+    dist.all_reduce(cpu)
+    return elapsed, float(cpu), out
 
 
 def main(options: dict) -> dict | None:
@@ -101,11 +105,13 @@ def main(options: dict) -> dict | None:
              "steer_zero3": lambda: steer.attributes(samples)}
     _barrier_time(lambda: padded.attributes(samples[:1]))  # warm-up: trace, allocator, thread pools
     timings: dict[str, list[float]] = {name: [] for name in paths}
+    cpu_timings: dict[str, list[float]] = {name: [] for name in paths}
     outputs: dict[str, torch.Tensor] = {}
     for repeat in range(options["repeats"]):
         for path, run in paths.items():
-            elapsed, outputs[path] = _barrier_time(run)
+            elapsed, cpu, outputs[path] = _barrier_time(run)
             timings[path].append(elapsed)
+            cpu_timings[path].append(cpu)
             log(f"bench zero3: repeat {repeat + 1}/{options['repeats']} {path}: {elapsed:.2f} s")
     diffs = torch.tensor([float((outputs[p] - outputs["trl_zero3"]).abs().max()) if len(samples) else 0.0
                           for p in paths], dtype=torch.float64)
@@ -113,12 +119,14 @@ def main(options: dict) -> dict | None:
     forwards = torch.tensor([len(padded.plan(samples)), len(steer.plan(samples))])
     dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
     seconds = {p: min(t) for p, t in timings.items()}
+    cpu_seconds = {p: min(t) for p, t in cpu_timings.items()}
     total = sum(len(s) for s in everything)
     report = {
         "workload": {"name": "grpo", "model": options["model"], "dtype": dtype, "device": str(device),
                      "ranks": world, "samples": len(everything), "prompts": options["prompts"],
                      "group_size": options["group_size"], "tokens": total, "repeats": options["repeats"]},
         "paths": {p: {"seconds": seconds[p], "seconds_spread": spread(timings[p]), "tokens_per_s": total / seconds[p],
+                      "cpu_seconds": cpu_seconds[p], "cpu_seconds_spread": spread(cpu_timings[p]),
                       "max_abs_diff_vs_trl": float(d)} for p, d in zip(paths, diffs.tolist())},
         "steer_strategy": steer.strategy,
         "forwards_per_rank": {"padded_zero3": int(forwards[0]), "steer_zero3": int(forwards[1])},
@@ -127,6 +135,10 @@ def main(options: dict) -> dict | None:
         "speedup_vs_padded_zero3_spread": spread([p / s for p, s in zip(timings["padded_zero3"],
                                                                          timings["steer_zero3"])]),
         "speedup_vs_trl_zero3_spread": spread([t / s for t, s in zip(timings["trl_zero3"], timings["steer_zero3"])]),
+        # CPU seconds of all ranks together: on a machine shared with other jobs, time spent waiting for a core is
+        # not counted (time waiting for another rank in a collective mostly is not either).
+        "cpu_time": {"speedup_vs_trl_zero3": cpu_seconds["trl_zero3"] / cpu_seconds["steer_zero3"],
+                     "speedup_vs_padded_zero3": cpu_seconds["padded_zero3"] / cpu_seconds["steer_zero3"]},
     }
     dist.barrier()
     if rank == 0:

@@ -132,16 +132,23 @@ def _zero3_table(report: dict) -> str:
     lines.append(f"steer strategy: {report['steer_strategy']}; forwards per rank {report['forwards_per_rank']}; "
                  f"speedup vs TRL ZeRO-3 {report['speedup_vs_trl_zero3']:.2f}x, vs ZeRO-3 padded "
                  f"{report['speedup_vs_padded_zero3']:.2f}x (per repeat {padded['min']:.2f}–{padded['max']:.2f})")
+    cpu = report["cpu_time"]
+    lines.append(f"CPU time of all ranks: speedup vs TRL ZeRO-3 {cpu['speedup_vs_trl_zero3']:.2f}x, vs ZeRO-3 padded "
+                 f"{cpu['speedup_vs_padded_zero3']:.2f}x")
     return "\n".join(lines)
 
 
 def run_zero3(args: argparse.Namespace) -> dict:
     """Launch ``steer_reward.bench.zero3`` on ``--ranks`` processes and return rank 0's report."""
-    from steer_reward.bench.zero3 import REPORT_PREFIX
-    from steer_reward.errors import InputError, require_extra
+    import importlib.util
 
-    require_extra("deepspeed", "deepspeed")
-    require_extra("trl", "trl")
+    from steer_reward.bench.zero3 import REPORT_PREFIX
+    from steer_reward.errors import InputError, MissingExtraError
+
+    # Found, not imported: importing deepspeed here prints to stdout, which --json keeps for the report.
+    for module, extra in (("deepspeed", "deepspeed"), ("trl", "trl")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(f"{module} is not installed; install it with: pip install 'steer-reward[{extra}]'")
     options = _options(args)
     if options.workload != "grpo":
         raise InputError("--backend deepspeed runs the grpo workload only")
