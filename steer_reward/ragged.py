@@ -276,7 +276,8 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     copy = len(layout.keeps) != len(layout.segments)
     for name, a, b in layout.keeps:
         k, v = key[:, :, a:b], value[:, :, a:b]
-        layout.kept.setdefault(name, []).append((k.clone(), v.clone()) if copy else (k, v))
+        layers = layout.kept.setdefault(name, [None] * module.config.num_hidden_layers)
+        layers[layer] = (k.clone(), v.clone()) if copy else (k, v)
     heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
     result = query.new_empty((1, total, heads, dim))
     out = result.transpose(1, 2)  # (1, h, T, d) view written in place
