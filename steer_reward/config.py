@@ -88,20 +88,21 @@ class ModelConfig:
 @dataclass
 class BatchingConfig:
     max_tokens: int = 16384
-    """Token budget of one micro-batch, counted as padded tokens (rows × longest row); bounds peak memory."""
+    """Token budget of one forward; bounds peak memory. Padded micro-batches count rows × longest row; ragged
+    forwards count their real tokens plus the prompt keys and values they hold (``planning.kv_token_cost`` each)."""
     max_batch_size: int = 256
-    """Most sequences in one micro-batch."""
+    """Most sequences in one forward."""
     strategy: str = "auto"
-    """How the local backend runs a batch: ``auto`` (prefix sharing for completions that share a prompt when the
-    prompt tokens saved exceed two forwards' overhead, length-bucketed padded micro-batches for the rest),
-    ``prefix`` (the same, every prompt through its KV cache),
-    ``packed`` (padding-free rows with a block-diagonal mask, no sharing) or ``padded`` (length-bucketed padded
-    micro-batches only). Models the fast paths cannot run exactly (custom code, sliding-window or flash attention)
-    use ``padded``, with a warning when another strategy was asked for."""
+    """How a batch runs (local and deepspeed backends): ``auto`` (ragged forwards; the prompts several samples share
+    run once, in prefill forwards that also carry whole samples, and their completions in completion forwards,
+    unless running everything whole is cheaper), ``prefix`` (every prompt shared), ``packed`` (every sample whole in
+    ragged forwards, no sharing) or ``padded`` (length-bucketed, right-padded micro-batches). Models ragged forwards
+    cannot run exactly (custom code, sliding-window or flash attention) use ``padded``, with a warning when another
+    strategy was asked for."""
     max_row_tokens: int = 2048
-    """Longest packed row for ``strategy: packed``; attention inside a row is dense, so longer rows waste work."""
+    """Token budget of one forward for ``strategy: packed`` (the smaller of this and ``max_tokens``)."""
     forward_overhead_tokens: int = 128
-    """Fixed cost of one forward, in tokens, when the fast paths trade padding against more, smaller forwards."""
+    """Fixed cost of one forward, in tokens, when the planner trades tokens computed against more forwards."""
     prompt_cache_tokens: int = 0
     """Prompt KV caches kept between scoring calls (least recently used dropped first), in prompt tokens, so a
     prompt whose completions arrive in different calls runs once. 0 keeps none; ``steer-reward serve`` uses
