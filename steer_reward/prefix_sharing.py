@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import ChainMap, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn

@@ -62,11 +62,13 @@ class ServerMetrics:
                                      registry=self.registry)
         self.reward_failures = prom.Counter(
             "steer_reward_reward_failures", "/get_reward samples answered with server.fallback_reward, by reason "
-            "(query: unparseable; format: could not be formatted or encoded; non_finite: NaN/inf reward)",
+            "(query: unparseable; format: could not be formatted or encoded; non_finite: NaN/inf reward; forward: the "
+            "model's forward failed for the sample alone)",
             ["reason"], registry=self.registry)
         self.completion_truncated = prom.Counter("steer_reward_completion_tokens_truncated",
-                                                 "Completion tokens cut because the completion alone exceeded "
-                                                 "model.max_length (model.overlong: truncate)", registry=self.registry)
+                                                 "Completion tokens cut (model.overlong: truncate) because the "
+                                                 "completion did not fit model.max_length next to the prompt "
+                                                 "(whose last max_length // 4 tokens are always kept)", registry=self.registry)
         self.out_of_memory = prom.Counter("steer_reward_out_of_memory", "Out-of-memory errors of the model; each "
                                           "halves the batch token budget", registry=self.registry)
         self.batch_token_budget = prom.Gauge("steer_reward_batch_token_budget", "Token budget batches are cut to "
