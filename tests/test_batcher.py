@@ -70,6 +70,37 @@ def test_a_request_whose_client_went_away_is_not_computed():
     assert batcher.pending_samples == 0
 
 
+def test_requests_that_left_after_their_batch_was_cut_are_not_counted_as_scored():
+    """Samples scored counts what the model was given: a request taken into a batch that is still waiting for more
+    (``max_wait_ms``) and abandoned before its forward is skipped, and not reported as model work."""
+    scored, stats = [], []
+
+    def score(samples):
+        scored.append([s.completion_ids[0] for s in samples])
+        return AttributeScores.from_samples(torch.zeros(len(samples), 1), ("a",), samples)
+
+    batcher = DynamicBatcher(score, max_wait_ms=400, max_batch_tokens=1000, on_batch=stats.append)
+
+    async def scenario():
+        kept = asyncio.ensure_future(batcher.submit([EncodedSample((1,), (1,))]))
+        left = asyncio.ensure_future(batcher.submit([EncodedSample((2,), (2,)), EncodedSample((2,), (3,))]))
+        await asyncio.sleep(0.1)  # both are in the batch being cut, which waits for more until 400 ms
+        left.cancel()
+        await kept
+        alone = asyncio.ensure_future(batcher.submit([EncodedSample((4,), (4,))]))
+        await asyncio.sleep(0.1)
+        alone.cancel()  # a batch whose every request left: no forward, no batch reported
+        await asyncio.sleep(0.6)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert scored == [[1]]
+    assert [(s.requests, s.samples, s.retries) for s in stats] == [(1, 1, 0)]
+    assert batcher.pending_samples == 0
+
+
 # -- faults, on the real demo reward model ------------------------------------------------------------------------
 import math  # noqa: E402
 

@@ -264,20 +264,25 @@ class DynamicBatcher:
             self._pending_samples -= len(self._waiting.popleft().samples)
 
     def _score_isolating(self, batch: list[_Request]) -> tuple[list[tuple[_Request, AttributeScores]],
-                                                                list[tuple[_Request, BaseException]], int]:
+                                                                list[tuple[_Request, BaseException]], int,
+                                                                list[_Request]]:
         """Score ``batch``; when a call fails, score each half again, down to the single requests that fail.
 
         Returns (request, its scores) for those that succeeded, in arrival order; (request, error) for those
-        that failed alone; and the number of extra scorer calls. A request whose client left meanwhile is
-        skipped. A poison sample costs about 2·log2(requests) extra calls, not one per request.
+        that failed alone; the number of extra scorer calls; and the requests of the first call (what the model
+        was given). A request whose client left meanwhile is skipped. A poison sample costs about
+        2·log2(requests) extra calls, not one per request.
         """
         done: list[tuple[_Request, AttributeScores]] = []
         failed: list[tuple[_Request, BaseException]] = []
+        sent: list[_Request] = []
         groups, calls = [batch], 0
         while groups:
             group = [r for r in groups.pop() if not r.future.done()]
             if not group:
                 continue
+            if not calls:
+                sent = group
             calls += 1
             try:
                 scores = self.score_encoded([s for request in group for s in request.samples])
@@ -297,7 +302,7 @@ class DynamicBatcher:
                 n = len(request.samples)
                 done.append((request, _slice(scores, offset, offset + n)))
                 offset += n
-        return done, failed, calls - 1
+        return done, failed, max(0, calls - 1), sent
 
     def _work(self) -> None:
         while True:
@@ -309,9 +314,10 @@ class DynamicBatcher:
             start = time.perf_counter()
             done: list[tuple[_Request, AttributeScores]] = []
             failed: list[tuple[_Request, BaseException]] = []
+            sent: list[_Request] = batch
             retries = 0
             try:
-                done, failed, retries = self._score_isolating(batch)
+                done, failed, retries, sent = self._score_isolating(batch)
                 results: list[Any] = [scores for _, scores in done]
                 if self.finish is not None and done:
                     try:
@@ -331,14 +337,18 @@ class DynamicBatcher:
             finally:
                 with self._condition:
                     self._pending_samples -= sum(len(r.samples) for r in batch)
+            if not sent:
+                continue  # every client of the batch left before its forward: the model ran nothing
+            # What the model was given: a request whose client left after the batch was cut but before its forward
+            # is neither scored nor counted (samples scored counts the model's work).
             seconds = time.perf_counter() - start
-            samples = sum(len(r.samples) for r in batch)
+            samples = sum(len(r.samples) for r in sent)
             if seconds > 0 and not failed:
                 rate = samples / seconds
                 self._samples_per_s = rate if self._samples_per_s == 0 else 0.8 * self._samples_per_s + 0.2 * rate
             if self.on_batch is not None:
                 try:
-                    self.on_batch(BatchStats(len(batch), samples, sum(r.tokens for r in batch), seconds,
+                    self.on_batch(BatchStats(len(sent), samples, sum(r.tokens for r in sent), seconds,
                                              len(failed), retries))
                 except Exception:  # noqa: BLE001 - a metrics failure must not stop the model worker
                     pass
