@@ -117,3 +117,52 @@ def test_build_app_reads_a_config_and_key_value_overrides(tmp_path, demo_model_p
     replicas = app._bound_deployment.init_args[0]  # the gateway's first argument: the replicas' deployment
     assert replicas._bound_deployment.num_replicas == 3
     assert replicas._bound_deployment.init_args[0]["server"]["affinity"] is False
+
+
+def _counter(service, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(service.metrics.render().decode())
+               for s in f.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_a_cancelled_replica_call_is_its_client_leaving(demo_model_path):
+    """Ray Serve cancels a replica's call when the HTTP client disconnects at the proxy. The replica's app (no Ray
+    started here: ``RewardReplica`` as a plain object, the demo model in-process) must take that as the client
+    leaving: the request is dropped from the batch being cut (``max_wait_ms`` 2 s) before the model sees it,
+    counted as 499 (not as the 503 of a shutdown), and the request merged with it gets its own right rewards."""
+    ray_serve = pytest.importorskip("steer_reward.server.ray_serve", exc_type=ImportError)
+    import asyncio
+
+    replica = ray_serve.RewardReplica({"model": {"path": demo_model_path, "device": "cpu"},
+                                       "server": {"max_wait_ms": 2000}})
+    service = replica.service
+    kept = {"prompts": [f"Kept question {i}?" for i in range(3)], "completions": [f"Answer {i}." for i in range(3)]}
+    left = {"prompts": ["A question whose client leaves?"] * 4, "completions": [f"Reply {i}." for i in range(4)]}
+
+    def post(body: dict):
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        return replica.forward("POST", "/score", b"", headers, data)
+
+    async def scenario():
+        kept_call, left_call = asyncio.ensure_future(post(kept)), asyncio.ensure_future(post(left))
+        while service.batcher.pending_samples < 7:  # both encoded and in the batch waiting for more
+            await asyncio.sleep(0.01)
+        left_call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left_call
+        return await kept_call
+
+    try:
+        status, _, content = asyncio.run(scenario())
+        assert status == 200
+        rewards = json.loads(content)["rewards"]
+        expected = service.reward.score(kept["prompts"], kept["completions"]).rewards.tolist()
+        assert rewards == pytest.approx(expected, abs=1e-5)
+        assert _counter(service, "steer_reward_samples_scored_total") == 3  # the left request's 4 never ran
+        assert _counter(service, "steer_reward_requests_total", endpoint="/score", code="499") == 1
+        assert _counter(service, "steer_reward_requests_total", endpoint="/score", code="503") == 0
+        assert service.batcher.pending_samples == 0
+    finally:
+        service.close()

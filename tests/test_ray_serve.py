@@ -9,9 +9,12 @@ must be prefilled once across the replicas, and killing a replica process mid-ru
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +205,184 @@ def test_killing_a_replica_mid_run_loses_no_reward(agent_module, actor, ray_urls
     expected = reference.score([x.prompt for x in parsed], [x.response for x in parsed]).rewards
     torch.testing.assert_close(torch.tensor(rewards), expected, atol=1e-4, rtol=1e-4)
     assert _metric(url, "steer_reward_gateway_retries") > retries_before, "the killed replica's requests were retried"
+
+
+
+# -- clients that leave -------------------------------------------------------------------------------------------
+SLOW_BATCH_S = 5.0
+"""How long the batch in flight lasts (sized from a measured batch): the clients behind it leave, or time out at the
+gateway, within its first 3 s."""
+
+
+@pytest.fixture
+def one_replica(ray_urls, demo_model_path):
+    """``deploy(**server)``: a one-replica application at ``/cancel`` (long samples allowed), removed afterwards;
+    returns (its URL, an in-process reward of the same config, the replica's pid)."""
+    from ray import serve
+
+    from steer_reward.config import load_config
+    from steer_reward.server.ray_serve import reward_application
+
+    def deploy(**server):
+        config = load_config({"model": {"path": demo_model_path, "device": "cpu", "max_length": 2048},
+                              "batching": {"strategy": "prefix"},
+                              "server": {"replicas": 1, "replica_cpus": 0.5, "max_items_per_request": 1024,
+                                         "max_body_bytes": 8 << 20, **server}})
+        serve.run(reward_application(config), name="cancel", route_prefix="/cancel")
+        url = ray_urls["open"] + "/cancel"
+        pid = httpx.get(url + "/health", timeout=60).json()["replicas"][0]["pid"]
+        return url, SteerReward.from_config(config), pid
+
+    yield deploy
+    serve.delete("cancel")
+
+
+def _body(tag: str, n: int, words: int) -> dict:
+    return {"prompts": [f"{tag} question {i}: tell me about the number {i}." for i in range(n)],
+            "completions": [f"The number {i} is fine, because " + "it is. " * words for i in range(n)]}
+
+
+def _post(url: str, payload: dict) -> socket.socket:
+    """POST /score on a connection of its own, the reply left unread (closing it is the client leaving)."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    data = json.dumps(payload).encode()
+    sock = socket.create_connection((where.hostname, where.port), timeout=120)
+    sock.sendall(f"POST {where.path}/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _slow_batch(url: str) -> dict:
+    """A /score body whose batch lasts about ``SLOW_BATCH_S`` on this machine, sized from a timed batch of 16 long
+    samples (after one to warm up)."""
+    seconds = 0.0
+    for _ in range(2):
+        start = time.monotonic()
+        reply = httpx.post(url + "/score", json=_body("Timing", 16, 250), timeout=120)
+        seconds = time.monotonic() - start
+        assert reply.status_code == 200, reply.text
+    return _body("Slow", max(16, min(1024, int(16 * SLOW_BATCH_S / seconds))), 250)
+
+
+def _pending(url: str) -> int:
+    return httpx.get(url + "/health", timeout=60).json()["pending_samples"]
+
+
+def _wait_pending(url: str, at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while _pending(url) < at_least:
+        assert time.monotonic() < deadline, f"never {at_least} samples pending"
+        time.sleep(0.02)
+
+
+def _wait_idle(url: str) -> None:
+    deadline = time.monotonic() + 120
+    while _pending(url):
+        assert time.monotonic() < deadline, "the replica never finished"
+        time.sleep(0.05)
+
+
+def _counters(url: str) -> dict[str, float]:
+    """Samples scored, prompt prefills, clients the gateway saw leave, and /score replies by code (every replica)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text):
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "replica")))
+                totals[key] = totals.get(key, 0.0) + s.value
+    return {"scored": totals.get(("steer_reward_samples_scored_total", ()), 0.0),
+            "prefills": totals.get(("steer_reward_prompt_prefills_total", ()), 0.0),
+            "closed": totals.get(("steer_reward_gateway_client_closed_total", ()), 0.0),
+            **{code: totals.get(("steer_reward_requests_total", (("code", code), ("endpoint", "/score"))), 0.0)
+               for code in ("200", "499", "500", "503")}}
+
+
+def _read_rewards(sock: socket.socket, payload: dict, reference: SteerReward) -> None:
+    from test_server_clients import read_reply
+
+    status, _, content = read_reply(sock)
+    sock.close()
+    assert status == 200, content
+    expected = reference.score(payload["prompts"], payload["completions"]).rewards
+    torch.testing.assert_close(torch.tensor(json.loads(content)["rewards"]), expected, atol=1e-4, rtol=1e-4)
+
+
+def _assert_no_traceback(pid: int) -> None:
+    """Clients leaving are counted, not logged as failures: no traceback in the application's Serve logs or in the
+    replica's stderr."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [*(logs / "serve").glob("replica_cancel_*.log"), *logs.glob(f"worker-*-{pid}.err")]
+    assert len(files) >= 3, files
+    for file in files:
+        assert "Traceback" not in file.read_text(errors="replace"), file
+
+
+def test_clients_that_leave_have_their_work_dropped_in_the_gateway_and_the_replica(one_replica):
+    """A slow batch in flight on the only replica; behind it, requests waiting in the replica's batcher and in the
+    gateway's queue for a replica (``replica_max_ongoing`` 4), some of whose clients disconnect. The proxy cancels
+    the gateway's call, the gateway cancels its replica call, and the replica drops the request before the model,
+    counting it as 499. The replica computes exactly what is still wanted; the requests queued with the abandoned
+    ones get their own right rewards."""
+    url, reference, pid = one_replica(replica_max_ongoing=4)
+    slow = _slow_batch(url)
+    n = len(slow["prompts"])
+    kept, gone = [_body("Kept", 2, 5), _body("Queued", 2, 6)], [_body(f"Gone {g}", 3, 5) for g in range(3)]
+    before = _counters(url)
+    in_flight = _post(url, slow)
+    _wait_pending(url, n)  # encoded and taken: its forward runs
+    gone_socks, kept_socks = [_post(url, gone[0])], [_post(url, kept[0])]
+    _wait_pending(url, n + 3 + 2)  # both wait in the replica's batcher; 3 of its 4 places are taken
+    gone_socks += [_post(url, gone[1]), _post(url, gone[2])]  # the replica is full: the second waits in the gateway
+    kept_socks.append(_post(url, kept[1]))  # in the gateway's queue behind it
+    time.sleep(0.5)
+    gone_socks[2].close()  # the one still queued for a replica leaves first (never sent), then the two inside it
+    time.sleep(0.3)
+    for sock in gone_socks[:2]:
+        sock.close()
+
+    _read_rewards(in_flight, slow, reference)
+    for sock, payload in zip(kept_socks, kept):
+        _read_rewards(sock, payload, reference)
+    _wait_idle(url)
+    after = _counters(url)
+    added = {k: after[k] - before[k] for k in after}
+    wanted = n + 2 + 2
+    assert added["scored"] == wanted, added  # not one sample of the clients that left
+    assert added["prefills"] == wanted, added  # every prompt distinct: one prefill each
+    assert added["closed"] == 3, added  # the gateway saw all three leave
+    # The two held by the replica are counted there as 499 (the queued one too if a place freed before it left).
+    assert 2 <= added["499"] <= 3 and added["500"] == added["503"] == 0, added
+    _assert_no_traceback(pid)
+    print(f"\nclients leaving behind a batch of {n} samples: {added}")
+
+
+def test_a_request_the_gateway_gives_up_on_is_not_computed_by_the_replica(one_replica):
+    """``server.replica_timeout_s`` passes while a request waits behind a slow batch: the gateway answers 503 (with
+    Retry-After, which OpenRLHF retries) and cancels the replica's call, so the replica does not score a request
+    whose answer nobody reads (it used to, doubling the load exactly when the replicas are too slow)."""
+    timeout = 2.5
+    url, reference, pid = one_replica(replica_timeout_s=timeout)
+    slow = _slow_batch(url)
+    n = len(slow["prompts"])
+    before = _counters(url)
+    in_flight = _post(url, slow)
+    _wait_pending(url, n)
+    start = time.monotonic()
+    waiting = httpx.post(url + "/score", json=_body("Waiting", 3, 5), timeout=60)
+    assert waiting.status_code == 503 and waiting.headers["retry-after"] == "1", waiting.text
+    assert "no reply within" in waiting.json()["error"] and time.monotonic() - start < timeout + 2
+    from test_server_clients import read_reply
+
+    assert read_reply(in_flight)[0] == 503  # its own forward outlasted the timeout too: it ran, unread
+    in_flight.close()
+    _wait_idle(url)
+    added = {k: v - before[k] for k, v in _counters(url).items()}
+    assert added["scored"] == n, added  # the slow batch alone: the waiting request never reached the model
+    assert added["499"] == 2 and added["closed"] == 0, added
+    _assert_no_traceback(pid)

@@ -53,6 +53,9 @@ REPLICA_NAME = "RewardReplica"
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
 _FANOUT_TIMEOUT_S = 10.0
 """How long /health and /metrics wait for one replica (a replica busy loading or dead is reported, not waited on)."""
+_DISCONNECT_GRACE_S = 5.0
+"""How long a cancelled call waits for the app to drop the request's work and count it (it takes milliseconds: the
+request's batcher entry is cancelled, not waited on) before the app's task is cancelled outright."""
 
 
 # -- routing ------------------------------------------------------------------------------------------------------
@@ -88,8 +91,15 @@ async def call_asgi(app: Any, method: str, path: str, query: bytes, headers: lis
 
     The body is delivered whole; the headers are passed as received (Content-Length included, so the app's own
     size check answers an oversize body exactly as the single server does).
+
+    Cancelling the call is the client leaving: Ray Serve cancels a replica's call when the HTTP client of the
+    request disconnects at the proxy (or the gateway gives up on it). The app is then told what the single server
+    hears from uvicorn, an ``http.disconnect``, so it drops the request's work (before the model when its batch has
+    not started; never touching the other requests of a batch) and counts it as 499, without a traceback. The
+    cancellation goes on once the app has answered (within ``_DISCONNECT_GRACE_S``).
     """
-    done = asyncio.Event()
+    left = asyncio.Event()
+    """Set once the reply is sent or the caller is gone: ``receive`` then answers ``http.disconnect``."""
     delivered = False
 
     async def receive() -> dict:
@@ -97,7 +107,7 @@ async def call_asgi(app: Any, method: str, path: str, query: bytes, headers: lis
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()  # nothing more to read; the client stays connected until the reply is sent
+        await left.wait()  # nothing more to read; the client stays connected until the reply is sent or it leaves
         return {"type": "http.disconnect"}
 
     status, reply_headers, chunks = 500, [], []
@@ -112,10 +122,20 @@ async def call_asgi(app: Any, method: str, path: str, query: bytes, headers: lis
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "", "headers": headers,
              "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    # Its own task: a cancellation of this call must reach the app as a disconnect, not as a CancelledError inside
+    # the handler (which the app answers as a shutdown, 503).
+    task = asyncio.ensure_future(app(scope, receive, send))
     try:
-        await app(scope, receive, send)
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        left.set()
+        if not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_GRACE_S)
+        if not task.done():
+            task.cancel()
+        raise
     finally:
-        done.set()
+        left.set()
     return status, reply_headers, b"".join(chunks)
 
 
@@ -234,6 +254,16 @@ def merge_metrics(texts: Mapping[str, str]) -> bytes:
     return generate_latest(registry)
 
 
+def _cancel(call: Any) -> None:
+    """Cancel a replica call nobody waits for any more (Ray Serve's ``DeploymentResponse.cancel``): still queued for
+    a replica, it is never sent; sent, the replica's call is cancelled (``call_asgi`` turns that into the client's
+    disconnect). Best effort: a call that already finished is left as it is."""
+    try:
+        call.cancel()
+    except Exception as err:  # noqa: BLE001 - the request is over either way; the caller's outcome stands
+        logger.debug("cancelling a replica call failed: %s", err)
+
+
 class RewardGateway:
     """The one URL: reads each request's prompt, routes it to a replica, retries when that replica dies."""
 
@@ -245,10 +275,17 @@ class RewardGateway:
         self.affinity = bool(server["affinity"])
         self.retried = 0
         """Requests sent again because their replica died holding them."""
+        self.client_closed = 0
+        """Requests whose client disconnected before their reply (their replica call was cancelled)."""
 
     async def __call__(self, request: Any) -> Any:
         try:
             return await self._route(request)
+        except asyncio.CancelledError:
+            # The client disconnected at the proxy, which cancels this call; Ray Serve cancels the replica call
+            # made in it too, and _send cancels it explicitly (the replica counts it as 499).
+            self.client_closed += 1
+            raise
         except Exception as err:  # noqa: BLE001 - a bug must still answer JSON, and the gateway keeps serving
             logger.exception("the gateway failed")
             return _error(500, f"internal error: {type(err).__name__}: {err}")
@@ -283,9 +320,12 @@ class RewardGateway:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            call = self.replicas.forward.remote(method, path, query, headers, body, affinity=key)
             try:
-                call = self.replicas.forward.remote(method, path, query, headers, body, affinity=key)
                 return await asyncio.wait_for(call, remaining)
+            except asyncio.CancelledError:
+                _cancel(call)  # the client left: drop the request's work in the replica, or its place in the queue
+                raise
             except (RayActorError, ActorUnavailableError) as err:
                 # The replica died (or is restarting) with this request in it, so its sample was not scored. Send
                 # it again: the router picks a live replica (the prompt's next one in rendezvous order).
@@ -294,6 +334,8 @@ class RewardGateway:
                 logger.warning("a replica lost a request (%s); retrying (%d/%d)", last, attempt + 1, self.retries)
                 await asyncio.sleep(min(0.2 * (attempt + 1), max(0.0, deadline - time.monotonic())))
             except asyncio.TimeoutError:
+                # wait_for cancels only the local await; the replica would go on scoring a request answered 503.
+                _cancel(call)
                 last = f"no reply within {self.timeout_s:.0f} s"
                 break
         return _error(503, f"no scoring replica could answer ({last}); retry shortly", {"Retry-After": "1"})
@@ -330,7 +372,11 @@ class RewardGateway:
         texts = {replica: reply[2].decode() for replica, reply in replies.items()}
         gateway = (f"# HELP steer_reward_gateway_retries_total Requests sent again because their replica died\n"
                    f"# TYPE steer_reward_gateway_retries_total counter\n"
-                   f"steer_reward_gateway_retries_total {float(self.retried)}\n").encode()
+                   f"steer_reward_gateway_retries_total {float(self.retried)}\n"
+                   f"# HELP steer_reward_gateway_client_closed_total Requests whose client disconnected before the "
+                   f"reply; their replica call was cancelled (a replica that held it counts it as code 499)\n"
+                   f"# TYPE steer_reward_gateway_client_closed_total counter\n"
+                   f"steer_reward_gateway_client_closed_total {float(self.client_closed)}\n").encode()
         return Response(merge_metrics(texts) + gateway, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _info(self, content: bytes) -> bytes:
