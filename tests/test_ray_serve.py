@@ -166,6 +166,8 @@ def test_health_info_and_metrics_speak_for_every_replica(ray_urls):
     assert info["limits"]["max_items_per_request"] == MAX_ITEMS
     health = httpx.get(ray_urls["open"] + "/health", timeout=60).json()
     assert set(_prefills(ray_urls["open"])) == {r["replica"] for r in health["replicas"]}
+    # 200 while one replica can score (a load balancer must not drop the only URL); the body says how many are up.
+    assert (health["status"], health["replicas_up"], health["replicas_configured"]) == ("ok", 2, 2)
 
 
 def test_killing_a_replica_mid_run_loses_no_reward(agent_module, actor, ray_urls, reference):

@@ -273,6 +273,8 @@ class RewardGateway:
         self.retries = max(1, int(server["replica_retries"]))
         self.timeout_s = float(server["replica_timeout_s"])
         self.affinity = bool(server["affinity"])
+        self.configured = int(server["replicas"])
+        """``server.replicas``: the replicas started (with autoscaling, at start)."""
         self.retried = 0
         """Requests sent again because their replica died holding them."""
         self.client_closed = 0
@@ -351,12 +353,16 @@ class RewardGateway:
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def _health(self) -> Any:
-        # Open like the single server's /health (load balancers probe it): ok while one replica can score.
+        # Open like the single server's /health (load balancers probe it). 200 while one replica can score: the URL
+        # still answers every request then, only slower, and a load balancer that took it out would turn fewer
+        # replicas into none (OpenRLHF never probes; it retries what fails). The body says how many are up.
         replicas = await self._broadcast("describe")
         healthy = [r for r in replicas if r["alive"]]
         if not healthy:
-            return _error(503, f"no scoring replica is healthy ({len(replicas)} answered)")
-        return _json_reply(200, {"status": "ok", "pending_samples": sum(r["pending_samples"] for r in healthy),
+            return _error(503, f"no scoring replica is healthy ({len(replicas)} answered, {self.configured} "
+                               f"configured)")
+        return _json_reply(200, {"status": "ok", "replicas_up": len(healthy), "replicas_configured": self.configured,
+                                 "pending_samples": sum(r["pending_samples"] for r in healthy),
                                  "replicas": healthy})
 
     async def _metrics(self, request: Any) -> Any:
@@ -445,7 +451,7 @@ def reward_application(config: SteerRewardConfig, token: str | None = None) -> A
         ray_actor_options={"num_cpus": 0},
     )
     return gateway.bind(replicas, {k: getattr(s, k) for k in ("max_body_bytes", "replica_retries",
-                                                              "replica_timeout_s", "affinity")})
+                                                              "replica_timeout_s", "affinity", "replicas")})
 
 
 def build_app(args: Mapping[str, str]) -> Any:
