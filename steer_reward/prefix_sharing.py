@@ -33,7 +33,7 @@ from torch import nn
 from steer_reward.formatting import EncodedSample
 from steer_reward.forward import ModelHead
 from steer_reward.planning import fill_forwards
-from steer_reward.ragged import LayerKV, RaggedLayout, Segment
+from steer_reward.ragged import LayerKV, RaggedLayout, Segment, plain_attention_implementation
 
 __all__ = [
     "PREFIX_SHARING_MODEL_TYPES",
@@ -83,7 +83,8 @@ def prefix_sharing_unsupported(model: nn.Module, head: ModelHead | None) -> str 
     model_type = getattr(config, "model_type", None)
     if model_type not in PREFIX_SHARING_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {', '.join(PREFIX_SHARING_MODEL_TYPES)}"
-    attention = getattr(config, "_attn_implementation", None) or "eager"
+    # The model's own implementation, also while another thread's ragged forward has switched it.
+    attention = (plain_attention_implementation(config) if hasattr(config, "_attn_implementation") else None) or "eager"
     if attention not in _RAGGED_ATTENTION:
         return f"attention implementation {attention!r} is not sdpa or eager"
     layer_types = getattr(config, "layer_types", None) or ()

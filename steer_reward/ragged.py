@@ -10,6 +10,11 @@ A ragged forward runs every linear layer, norm and rotary embedding on exactly t
 - **prompt part** (completion forwards): the queries of the completions of one prompt attend, unmasked, to that
   prompt's cached keys and values, one fused call per prompt with the cache read in place (no copy per row).
 
+The switch is the model config's ``_attn_implementation``, which every thread using the model reads. So the
+registered function runs ragged attention only for calls that carry a layout, and hands any other call (a plain
+forward of the same model in another thread meanwhile) to the model's own implementation, with the mask that
+implementation builds; overlapping ragged forwards share one switch, turned back when the last one ends.
+
 The two parts are combined exactly with their log-sum-exps: ``o = (e^{l₁}·o₁ + e^{l₂}·o₂) / (e^{l₁} + e^{l₂})`` is
 the softmax over the union of the two key sets, which is what a plain forward of ``prompt + completion`` computes at
 each completion token. Nothing concatenates keys (``DynamicCache.update`` would copy the prompt cache into every
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Hashable, Iterator, Mapping, Sequence
 
@@ -30,10 +37,14 @@ import torch
 from torch import nn
 
 __all__ = ["RAGGED_ATTENTION", "Segment", "RaggedLayout", "ragged_attention", "run_ragged", "attention_with_lse",
-           "plan_attention_buckets", "LayerKV"]
+           "plan_attention_buckets", "LayerKV", "ragged_attention_active", "plain_attention_implementation"]
 
 RAGGED_ATTENTION = "steer_reward_ragged"
-"""Name of the attention function in Transformers' ``AttentionInterface`` registry."""
+"""Name of the attention function in Transformers' ``AttentionInterface`` registry (plain calls: ``sdpa``)."""
+
+_PLAIN_OF = {RAGGED_ATTENTION: "sdpa", RAGGED_ATTENTION + "_eager": "eager"}
+"""Registered names → the implementation that plain (layout-free) calls and masks go to."""
+_RAGGED_OF = {plain: name for name, plain in _PLAIN_OF.items()}
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 """Keys and values of one prompt per layer, each of shape ``(1, kv_heads, P, head_dim)`` (views are fine)."""
@@ -303,27 +314,100 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return result, None
 
 
+def _plain_attention(name: str, module: nn.Module):
+    """The attention function a model with implementation ``name`` (``sdpa`` or ``eager``) calls by itself."""
+    if name == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to run a plain forward with")
+    return eager
+
+
+def _dispatcher(name: str):
+    """The registered function ``name``: ragged attention for calls with a layout, the plain implementation else."""
+    plain = _PLAIN_OF[name]
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, steer_ragged: RaggedLayout | None = None, **kwargs):
+        if steer_ragged is None:  # another thread's plain forward of this model during a ragged one
+            return _plain_attention(plain, module)(module, query, key, value, attention_mask, **kwargs)
+        return ragged_attention(module, query, key, value, attention_mask, steer_ragged=steer_ragged, **kwargs)
+
+    return attention
+
+
+_in_ragged_forward = threading.local()
+"""``depth``: ragged forwards this thread is inside (their masks are not built: ragged attention reads none)."""
+
+
+def _mask_dispatcher(name: str):
+    def mask(*args, **kwargs):
+        if getattr(_in_ragged_forward, "depth", 0):
+            return None
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        return ALL_MASK_ATTENTION_FUNCTIONS[_PLAIN_OF[name]](*args, **kwargs)
+
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)
+    for name in _PLAIN_OF:
+        AttentionInterface.register(name, _dispatcher(name))
+        AttentionMaskInterface.register(name, _mask_dispatcher(name))
+
+
+_switch_lock = threading.Lock()
+_switched: dict[int, list] = {}
+"""``id(config)`` → [ragged forwards inside the switch, the implementation to restore], while switched."""
+
+
+def plain_attention_implementation(config) -> str | None:
+    """``config._attn_implementation``, or the model's own one while ragged forwards have switched it."""
+    with _switch_lock:
+        entry = _switched.get(id(config))
+        return entry[1] if entry is not None else config._attn_implementation
 
 
 @contextlib.contextmanager
 def ragged_attention_active(config) -> Iterator[None]:
     """Route the model's attention through ``ragged_attention`` for the duration of one forward.
 
-    The attention modules read ``config._attn_implementation`` at call time; it is restored afterwards so plain
-    forwards of the same model (padded micro-batches, a reference forward) are untouched. Callers hold the
-    backend's lock: one scoring call at a time per model.
+    The attention modules read ``config._attn_implementation`` at call time. It names a dispatcher that only runs
+    ragged attention for calls with a layout, so plain forwards of the same model in other threads meanwhile
+    (padded micro-batches, a user's own forward) run the model's own implementation and mask. Overlapping ragged
+    forwards (several backends on one model, in threads) share the switch; the last one out restores the model's
+    implementation.
     """
     _register()
-    previous = config._attn_implementation
-    config._attn_implementation = RAGGED_ATTENTION
+    with _switch_lock:
+        entry = _switched.get(id(config))
+        if entry is None:
+            previous = config._attn_implementation
+            name = _RAGGED_OF.get(previous or "eager")
+            if name is None:
+                raise RuntimeError(f"ragged forwards need the sdpa or eager attention implementation, not {previous!r}")
+            config._attn_implementation = name
+            entry = _switched[id(config)] = [0, previous]
+        entry[0] += 1
+    depth = getattr(_in_ragged_forward, "depth", 0)
+    _in_ragged_forward.depth = depth + 1
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        _in_ragged_forward.depth = depth
+        with _switch_lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _switched[id(config)]
+                config._attn_implementation = entry[1]
 
 
 def run_ragged(backbone: nn.Module, layout: RaggedLayout) -> torch.Tensor:
