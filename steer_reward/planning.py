@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens", "fill_forwards", "kv_token_cost"]
+__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens", "fill_forwards", "kv_token_cost", "rope_alone_from"]
 
 
 def padded_tokens(lengths: Sequence[int], batch: Sequence[int]) -> int:
@@ -19,11 +19,12 @@ def padded_tokens(lengths: Sequence[int], batch: Sequence[int]) -> int:
     return max((lengths[i] for i in batch), default=0) * len(batch)
 
 
-def plan_microbatches(lengths: Sequence[int], max_tokens: int, max_batch_size: int) -> list[list[int]]:
+def plan_microbatches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
+                      alone_from: int | None = None) -> list[list[int]]:
     """Group sample indices into length-sorted micro-batches of at most ``max_tokens`` padded tokens.
 
     Longest first, so an out-of-memory shows on the first micro-batch. A sequence longer than the budget runs
-    alone. Every index appears exactly once.
+    alone, and so does one of ``alone_from`` tokens or more (``rope_alone_from``). Every index appears exactly once.
 
     >>> plan_microbatches([5, 1, 4, 2], max_tokens=8, max_batch_size=4)
     [[0], [2, 3], [1]]
@@ -37,7 +38,8 @@ def plan_microbatches(lengths: Sequence[int], max_tokens: int, max_batch_size: i
     for i in order:
         # Sorted descending: the first member of a batch is its longest row.
         rows_after = len(current) + 1
-        if current and (max(longest, lengths[i]) * rows_after > max_tokens or rows_after > max_batch_size):
+        alone = alone_from is not None and (longest >= alone_from or lengths[i] >= alone_from)
+        if current and (alone or max(longest, lengths[i]) * rows_after > max_tokens or rows_after > max_batch_size):
             batches.append(current)
             current, longest = [], 0
         current.append(i)
@@ -121,3 +123,32 @@ def kv_token_cost(config) -> float:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim
     return kv / (2 * hidden + 3 * config.intermediate_size)
+
+
+def rope_alone_from(config) -> int | None:
+    """Length from which a sequence must run in a forward of its own, or None.
+
+    Transformers' ``dynamic`` (NTK) and ``longrope`` rotary embeddings choose their frequencies from the largest
+    position id of the whole forward (``modeling_rope_utils.dynamic_rope_update``): a short sequence batched with one
+    past the original context would be scored with the long one's frequencies, its reward depending on its batch
+    mates. Sequences below the returned length get the unscaled frequencies whatever they run with; longer ones run
+    alone, as in a plain forward of each. (``dynamic`` also keeps the largest length seen until a forward shorter
+    than the original context resets it; a forward alone is what a plain forward of that sequence computes.)
+    """
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return None
+    # One set of parameters, or one per layer type.
+    sets = [params] if "rope_type" in params or "type" in params else [p for p in params.values() if isinstance(p, dict)]
+    limits = []
+    for p in sets:
+        kind = str(p.get("rope_type", p.get("type")) or "default")
+        if "dynamic" in kind:  # the update resets below, and scales from, max_position_embeddings
+            limits.append(int(config.max_position_embeddings))
+        elif kind == "longrope":  # long factors once the forward's length exceeds the original context
+            original = (p.get("original_max_position_embeddings")
+                        or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+            limits.append(int(original) + 1)
+    return min(limits) if limits else None

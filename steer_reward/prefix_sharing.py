@@ -32,7 +32,7 @@ from torch import nn
 
 from steer_reward.formatting import EncodedSample
 from steer_reward.forward import ModelHead
-from steer_reward.planning import fill_forwards
+from steer_reward.planning import fill_forwards, rope_alone_from
 from steer_reward.ragged import LayerKV, RaggedLayout, Segment, plain_attention_implementation
 
 __all__ = [
@@ -91,6 +91,9 @@ def prefix_sharing_unsupported(model: nn.Module, head: ModelHead | None) -> str 
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     if sliding or any(kind != "full_attention" for kind in layer_types):
         return "sliding-window attention layers would see a different context once the prompt is cached"
+    if rope_alone_from(config) is not None:
+        return ("its rotary frequencies follow the longest position of a forward (rope_type dynamic or longrope), "
+                "so sequences sharing one would change each other's scores")
     return None
 
 

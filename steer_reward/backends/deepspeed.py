@@ -37,7 +37,7 @@ from steer_reward.distributed import (DistributedError, RankMomentsSync, collect
                                       is_distributed, local_device, skip_cpu_shm_build)
 from steer_reward.formatting import EncodedSample, FormattingError, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
-from steer_reward.planning import plan_microbatches
+from steer_reward.planning import plan_microbatches, rope_alone_from
 from steer_reward.ragged import RaggedLayout, Segment, run_ragged
 from steer_reward.scoring import AttributeScores, AttributeScorer
 
@@ -163,7 +163,8 @@ class ZeroInferenceBackend:
         """The real forwards ``attributes(samples)`` runs on this rank, each as the samples it computes."""
         if self.groups is not None:
             return [f.samples for f in self.groups.plan(samples, self.strategy).forwards]
-        return plan_microbatches([len(s) for s in samples], self.batching.max_tokens, self.batching.max_batch_size)
+        return plan_microbatches([len(s) for s in samples], self.batching.max_tokens, self.batching.max_batch_size,
+                                 rope_alone_from(self._config))
 
     def run_microbatch(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Attributes of one micro-batch. Shape: ``(b, K)``, float32.
@@ -219,7 +220,7 @@ class ZeroInferenceBackend:
             batches: list[list[int]] = []
         else:
             batches = plan_microbatches([len(s) for s in samples], self.batching.max_tokens,
-                                        self.batching.max_batch_size)
+                                        self.batching.max_batch_size, rope_alone_from(self._config))
             mine = [0, 0, len(batches)]
         agreed = _all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s)
         if agreed[-1]:

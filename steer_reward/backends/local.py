@@ -25,7 +25,7 @@ from torch import nn
 from steer_reward.config import BatchingConfig
 from steer_reward.formatting import EncodedSample
 from steer_reward.forward import ModelHead, find_head, forward_microbatch
-from steer_reward.planning import kv_token_cost, plan_microbatches
+from steer_reward.planning import kv_token_cost, plan_microbatches, rope_alone_from
 from steer_reward.prefix_sharing import ForwardBudget, GroupScorer, prefix_sharing_unsupported
 from steer_reward.ragged import RaggedLayout, run_ragged
 
@@ -102,7 +102,7 @@ class LocalBackend:
     # -- plans ----------------------------------------------------------------------------------------------
     def _padded_plan(self, samples: Sequence[EncodedSample], indices: Sequence[int]) -> list[list[int]]:
         batches = plan_microbatches([len(samples[i]) for i in indices], self.batching.max_tokens,
-                                    self.batching.max_batch_size)
+                                    self.batching.max_batch_size, rope_alone_from(self.model.config))
         return [[indices[j] for j in batch] for batch in batches]
 
     def plan(self, samples: Sequence[EncodedSample]) -> list[list[int]]:
