@@ -438,3 +438,44 @@ def test_zero3_encoding_failure_in_one_process_raises_the_agreed_error():
         _raise_agreed_failure(FormattingError("bad one"), None)
     with pytest.raises(DistributedError, match="rank 0: KeyError"):
         _raise_agreed_failure(KeyError("x"), None)
+
+
+class FailingEngine(EngineStub):
+    """An engine whose ``fail_at``-th forward stops part-way, like an out-of-memory in one rank's layer."""
+
+    def __init__(self, model, fail_at: int) -> None:
+        super().__init__(model)
+        self.fail_at, self.calls = fail_at, 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return super().__call__(**kwargs)
+
+
+def test_zero3_rank_whose_forward_failed_part_way_refuses_later_calls(demo_scorer, monkeypatch):
+    """A forward that stops part-way leaves the other ranks inside collectives this rank never joins: a later call
+    must raise at once, without any collective, instead of pairing its all-reduce with another rank's parameter
+    all-gather. An encoding failure, which every rank raises at the agreement, leaves the ranks in step."""
+    from steer_reward.backends import deepspeed as ds
+    from steer_reward.config import BatchingConfig
+    from steer_reward.distributed import DistributedError
+    from steer_reward.formatting import FormattingError
+
+    samples = demo_scorer.encode(["Name a color."] * 3 + ["Hi"], ["Red.", "Blue.", "Green, or teal.", "Hello!"])
+    engine = FailingEngine(demo_scorer.model, fail_at=3)
+    backend = ds.ZeroInferenceBackend(engine, demo_scorer.tokenizer.pad_token_id, 9,
+                                      BatchingConfig(strategy="prefix", forward_overhead_tokens=0))
+    agreements = []
+    monkeypatch.setattr(ds, "_all_reduce_max", lambda values, device, timeout: agreements.append(values) or values)
+    with pytest.raises(FormattingError):
+        backend.attributes([], error=FormattingError("bad one"))
+    reference = torch.stack([plain_hf_attributes(demo_scorer.model, s.input_ids) for s in samples])
+    torch.testing.assert_close(backend.attributes(samples), reference, atol=1e-4, rtol=0)  # still scores
+    with pytest.raises(torch.OutOfMemoryError):
+        backend.attributes(samples)
+    before = (len(agreements), engine.calls)
+    with pytest.raises(DistributedError, match=r"failed in the middle .*\(OutOfMemoryError: CUDA out of memory"):
+        backend.attributes(samples)
+    assert (len(agreements), engine.calls) == before  # nothing joined, nothing run

@@ -12,7 +12,9 @@ What ZeRO-3 inference needs (DESIGN.md, "DeepSpeed ZeRO-3", verified on CPU with
 - every forward is a collective: ranks agree on the count of each kind of forward (prefill, completion, padded)
   with one all-reduce MAX, and short ranks, including ranks with no samples at all, run dummy forwards of that kind
   whose results are discarded. A rank whose samples failed to encode says so in the same all-reduce, so every rank
-  raises the same error at once instead of waiting in a collective until the process-group timeout.
+  raises the same error at once instead of waiting in a collective until the process-group timeout. A forward
+  that fails part-way on one rank (an out-of-memory) cannot be made good: that rank refuses every later call
+  instead of issuing collectives that no longer pair with the other ranks' (a hang, or wrong tensors under NCCL).
 
 Inside an ``accelerate`` DeepSpeed run (TRL trainers) the trainer's process group is reused and the offload and
 precision settings come from its DeepSpeed plugin; standalone, the backend joins the launch's process group itself
@@ -34,7 +36,7 @@ from torch import nn
 
 from steer_reward.config import BatchingConfig, ConfigError, SteerRewardConfig
 from steer_reward.distributed import (DistributedError, RankMomentsSync, collective, ensure_process_group,
-                                      is_distributed, local_device, skip_cpu_shm_build)
+                                      is_distributed, local_device, rank, skip_cpu_shm_build, world_size)
 from steer_reward.formatting import EncodedSample, FormattingError, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
 from steer_reward.planning import plan_microbatches, rope_alone_from
@@ -103,11 +105,17 @@ def _all_reduce_max(values: Sequence[int], device: torch.device, timeout_s: floa
 
 
 def _raise_agreed_failure(error: BaseException | None, timeout_s: float | None) -> None:
-    """Raise the same error on every rank once the all-reduce said some rank's samples failed to encode.
+    """Raise the same error on every rank once the all-reduce said some rank's samples failed to encode."""
+    failure = _agreed_failure(error, timeout_s)
+    raise failure from error
+
+
+def _agreed_failure(error: BaseException | None, timeout_s: float | None) -> Exception:
+    """The error every rank raises once the all-reduce said some rank's samples failed to encode.
 
     The failing ranks' messages are gathered (a collective only on this failure path), so every rank raises the
     same text: a ``FormattingError`` when every failure is one (a user error: the CLI and trainers report it as
-    such), else a ``DistributedError`` chained to the local failure where there is one.
+    such), else a ``DistributedError`` (chained to the local failure where there is one).
     """
     reports: list = [None]
     local = None if error is None else (type(error).__name__, str(error).splitlines()[0] if str(error) else "")
@@ -121,7 +129,7 @@ def _raise_agreed_failure(error: BaseException | None, timeout_s: float | None) 
     detail = "; ".join(f"rank {r}: {name}: {message}" for r, (name, message) in failed)
     text = f"a sample could not be encoded, so no rank scored this batch ({detail})"
     kind = FormattingError if all(name == FormattingError.__name__ for _, (name, _) in failed) else DistributedError
-    raise kind(text) from error
+    return kind(text)
 
 
 class ZeroInferenceBackend:
@@ -146,6 +154,9 @@ class ZeroInferenceBackend:
         self.forward_calls = 0
         self.dummy_calls = 0
         self.kind_calls = dict.fromkeys(FORWARD_KINDS, 0)
+        self.out_of_step: str | None = None
+        """Why this rank's collectives no longer match the other ranks' (a call failed between the count agreement
+        and its last forward), or None."""
         module = getattr(engine, "module", None)
         model = getattr(module, "model", None)
         head = find_head(model) if model is not None else None
@@ -212,8 +223,17 @@ class ZeroInferenceBackend:
         Every rank runs the same number of forwards of each kind (DESIGN.md: unequal counts hang ZeRO-3): one
         all-reduce MAX agrees on the counts, and on whether any rank's ``error`` (a sample that failed to encode)
         stops the call everywhere; then a rank with fewer forwards of a kind, or none, runs one-token dummy forwards
-        of that kind.
+        of that kind. A call that fails after the agreement (a forward stopped part-way) leaves this rank out of step
+        with the others, whose collectives it will never join: every later call raises ``DistributedError`` at once.
         """
+        if self.out_of_step is not None:
+            # Any collective now would pair with another rank's different one: a hang, or under NCCL bytes read as
+            # the wrong tensor. Refuse without joining any.
+            raise DistributedError(
+                f"rank {rank()} of {world_size()}: an earlier scoring call failed in the middle of its ZeRO-3 "
+                f"collectives ({self.out_of_step}), so this rank is out of step with the others and cannot score "
+                "again; restart the job"
+            )
         plan = self.groups.plan(samples, self.strategy) if self.groups is not None else None
         if plan is not None:
             mine = [sum(f.kind == kind for f in plan.forwards) for kind in FORWARD_KINDS[:2]] + [0]
@@ -222,20 +242,33 @@ class ZeroInferenceBackend:
             batches = plan_microbatches([len(s) for s in samples], self.batching.max_tokens,
                                         self.batching.max_batch_size, rope_alone_from(self._config))
             mine = [0, 0, len(batches)]
-        agreed = _all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s)
-        if agreed[-1]:
-            _raise_agreed_failure(error, self.timeout_s)
+        with self._in_step():
+            agreed = _all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s)
+            failure = _agreed_failure(error, self.timeout_s) if agreed[-1] else None
+        if failure is not None:
+            raise failure from error  # every rank raises it here, still in step
         out = torch.empty((len(samples), self.num_outputs), dtype=torch.float32)
-        if plan is not None:
-            self.groups.run(samples, plan, out)
-        for batch in batches:
-            out[batch] = self.run_microbatch([samples[i].input_ids for i in batch]).cpu()
-            self.forward_calls += 1
-            self.kind_calls["padded"] += 1
-        for kind, have, need in zip(FORWARD_KINDS, mine, agreed):
-            for _ in range(need - have):
-                self._dummy(kind)
+        with self._in_step():
+            if plan is not None:
+                self.groups.run(samples, plan, out)
+            for batch in batches:
+                out[batch] = self.run_microbatch([samples[i].input_ids for i in batch]).cpu()
+                self.forward_calls += 1
+                self.kind_calls["padded"] += 1
+            for kind, have, need in zip(FORWARD_KINDS, mine, agreed):
+                for _ in range(need - have):
+                    self._dummy(kind)
         return out
+
+    @contextlib.contextmanager
+    def _in_step(self) -> Iterator[None]:
+        """Mark this rank out of step when the block fails: a forward that stopped part-way (an out-of-memory, a
+        lost peer) leaves the other ranks inside collectives this rank will never join."""
+        try:
+            yield
+        except BaseException as err:
+            self.out_of_step = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            raise
 
     def partition_numel(self) -> tuple[int, int]:
         """(parameter elements this rank holds, elements of the whole model)."""
