@@ -89,7 +89,9 @@ def is_communication_error(err: BaseException) -> bool:
     if isinstance(err, getattr(torch.distributed, "DistError", ())):
         return True
     text = str(err).lower()
-    return any(marker in text for marker in ("gloo", "nccl", "timed out", "connection reset", "connection closed"))
+    # gloo's pairs closed after a timeout answer every later collective with "Application timeout caused pair closure".
+    markers = ("gloo", "nccl", "timed out", "connection reset", "connection closed", "pair closure")
+    return any(marker in text for marker in markers)
 
 
 def skip_cpu_shm_build() -> None:

@@ -350,6 +350,9 @@ def test_collective_turns_only_communication_failures_into_distributed_errors():
     with pytest.raises(DistributedError):
         with collective("joining"):
             raise torch.distributed.DistStoreError("Timed out after 9 seconds waiting for clients. 1/2 clients joined.")
+    with pytest.raises(DistributedError, match="pair closure"):  # every collective after a gloo timeout
+        with collective("an all-gather"):
+            raise RuntimeError("Application timeout caused pair closure")
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes") as info:  # a model bug stays a model bug
         with collective("a forward"):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x64 and 32x9)")
