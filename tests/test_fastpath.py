@@ -332,3 +332,41 @@ def test_prompt_cache_is_bounded_and_drops_the_least_recent():
     assert not cache.is_cached(prompts[0]) and cache.is_cached(prompts[1]) and cache.is_cached(prompts[2])
     backend.set_prompt_cache_tokens(0)
     assert not cache.is_cached(prompts[2])
+
+
+def test_prompt_cache_size_changes_wait_for_the_scoring_call_in_flight():
+    """A plan made with a prompt cached reads that prompt's keys and prompt-end scores until the call ends: a size
+    change from another thread (a server's settings) must not evict them in between."""
+    import threading
+
+    model = tiny_model()
+    rng = random.Random(9)
+    prompt = ids(rng, 40)
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy="prefix", prompt_cache_tokens=1000))
+    backend.attributes([EncodedSample(prompt, ids(rng, 5))])
+    samples = [EncodedSample(prompt, ()), EncodedSample(prompt, ids(rng, 7))]
+    assert backend.plan(samples) == [[1]]  # the empty completion from the cache, the other against cached keys
+    planned, release = threading.Event(), threading.Event()
+    plan = backend.groups.plan
+
+    def plan_then_wait(*args):  # the scoring call holds its plan while the other thread shrinks the cache
+        result = plan(*args)
+        planned.set()
+        release.wait(10)
+        return result
+
+    backend.groups.plan = plan_then_wait
+    results: list = []
+    scoring = threading.Thread(target=lambda: results.append(backend.attributes(samples)))
+    scoring.start()
+    assert planned.wait(10)
+    shrink = threading.Thread(target=backend.set_prompt_cache_tokens, args=(0,))
+    shrink.start()
+    shrink.join(0.5)
+    waited = shrink.is_alive()
+    release.set()
+    scoring.join(10)
+    shrink.join(10)
+    assert waited and len(results) == 1
+    torch.testing.assert_close(results[0], reference(model, samples), **TOL)
+    assert not backend.groups.is_cached(prompt)

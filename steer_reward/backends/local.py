@@ -95,9 +95,10 @@ class LocalBackend:
 
     def set_prompt_cache_tokens(self, tokens: int) -> None:
         """Keep prompt KV caches between calls, up to ``tokens`` prompt tokens (0: none). No-op without prefix
-        sharing."""
+        sharing. Waits for a scoring call in flight: its plan reads cached prompts until it ends."""
         if self.groups is not None and self.strategy != "packed":
-            self.groups.set_cache_tokens(tokens)
+            with self._lock:
+                self.groups.set_cache_tokens(tokens)
 
     # -- plans ----------------------------------------------------------------------------------------------
     def _padded_plan(self, samples: Sequence[EncodedSample], indices: Sequence[int]) -> list[list[int]]:
