@@ -106,6 +106,29 @@ def test_zero3_scores_equal_plain_hf_forward_with_uneven_ranks(zero3_run, demo_s
 
 
 @pytest.mark.slow
+def test_zero3_prompt_cached_on_one_rank_only(zero3_run, demo_scorer):
+    """Rank 0 scores completions of a prompt it has cached (a completion forward, no prefill), rank 1 the same
+    prompt uncached (whole sequences in a prefill forward): each runs a dummy of the kind it lacks, and every score
+    equals a plain forward."""
+    from steer_reward.formatting import RewardFormatter
+
+    scoring = worker("zero3_scoring")
+    formatter = RewardFormatter(demo_scorer.tokenizer, "chat_template", 96)
+    for name in scoring.CACHE_SCENARIOS:
+        for report in zero3_run:
+            mine = scoring.group_scenario(name, report["rank"])
+            ids = [s.input_ids for s in formatter.encode([p for p, _ in mine], [c for _, c in mine])]
+            if ids:
+                reference = torch.stack([plain_hf_attributes(demo_scorer.model, i) for i in ids])
+                torch.testing.assert_close(torch.tensor(report[name]["attributes"]), reference, atol=1e-4, rtol=0)
+        assert zero3_run[0][name]["kind_calls"] == zero3_run[1][name]["kind_calls"]
+    hit, miss = (r["prompt_cache_hit_vs_miss"] for r in zero3_run)
+    assert hit["cache_hits"] == 1 and miss["cache_hits"] == 0
+    assert hit["kind_calls"] == {"prefill": 1, "completion": 1, "padded": 0}
+    assert hit["forward_calls"] == miss["forward_calls"] == hit["dummy_calls"] == miss["dummy_calls"] == 1
+
+
+@pytest.mark.slow
 def test_zero3_a_sample_that_fails_to_encode_stops_every_rank_at_once(zero3_run):
     scoring = worker("zero3_scoring")
     first, second = (r["bad_sample"] for r in zero3_run)

@@ -4,7 +4,8 @@
 ``OUT_DIR/rank{r}.json`` with everything the parent test checks against a single-process plain HF forward.
 
 Scenarios run prefix sharing with many prompt groups per forward (``batching.strategy: auto``): one rank with no
-samples, groups split across ranks, one rank with only groups of 1, and a rank whose batch fails to encode.
+samples, groups split across ranks, one rank with only groups of 1, a prompt cached on one rank only, and a rank
+whose batch fails to encode.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SCENARIOS = {"3_vs_17": (3, 17)}
 STATS_ROUNDS = ((0, 5), (2, 9), (7, 0))
 GROUP_SCENARIOS = ("empty_vs_37", "groups_split_across_ranks", "singles_vs_groups")
 """Scenarios with prompt groups (``group_scenario``): several completions of one prompt."""
+CACHE_SCENARIOS = ("prompt_cache_warmup", "prompt_cache_hit_vs_miss")
+"""With the prompt cache on: rank 0 caches a prompt, then both ranks score completions of it — a completion forward
+against the cache on rank 0, a prefill of whole sequences on rank 1 (different kinds of forward per rank)."""
 BAD_COMPLETION = 12345
 """Not a string nor messages: ``FormattingError`` on the rank that gets it."""
 
@@ -51,6 +55,10 @@ def group_scenario(name: str, rank: int) -> list[tuple[str, str]]:
         if rank == 0:
             return [(rows[p]["prompt"], rows[p]["rejected"]) for p in range(20, 29)]
         return [pair for p in (7, 8, 9) for pair in group(p, 6, p)]
+    if name == "prompt_cache_warmup":  # rank 0: a group of 6 (shared, so its prompt is cached); rank 1 nothing
+        return group(31, 6, 0) if rank == 0 else []
+    if name == "prompt_cache_hit_vs_miss":  # two more completions of that prompt on each rank
+        return group(31, 8, 0)[6:] if rank == 0 else group(31, 8, 1)[6:]
     raise KeyError(name)
 
 
@@ -93,7 +101,7 @@ def main(out_dir: str) -> None:
     report["strategy"] = backend.strategy
 
     def scored(name: str, mine: list[tuple[str, str]]) -> None:
-        before = (backend.forward_calls, backend.dummy_calls, dict(backend.kind_calls))
+        before = (backend.forward_calls, backend.dummy_calls, dict(backend.kind_calls), backend.groups.cache_hits)
         samples = reward.scorer.encode([p for p, _ in mine], [c for _, c in mine])
         planned = len(backend.plan(samples))
         scores = reward.scorer.score([p for p, _ in mine], [c for _, c in mine])
@@ -104,6 +112,7 @@ def main(out_dir: str) -> None:
             "forward_calls": backend.forward_calls - before[0],
             "dummy_calls": backend.dummy_calls - before[1],
             "kind_calls": {k: v - before[2][k] for k, v in backend.kind_calls.items()},
+            "cache_hits": backend.groups.cache_hits - before[3],
         }
 
     offset = 0
@@ -112,6 +121,10 @@ def main(out_dir: str) -> None:
         offset += sum(counts)
     for name in GROUP_SCENARIOS:
         scored(name, group_scenario(name, rank))
+    backend.groups.set_cache_tokens(4096)
+    for name in CACHE_SCENARIOS:
+        scored(name, group_scenario(name, rank))
+    backend.groups.set_cache_tokens(0)
 
     # A batch that fails to encode on rank 1 only: every rank raises the same error at once (the timeout is 120 s),
     # and the ranks stay in step for the calls that follow.
