@@ -238,6 +238,20 @@ def test_dead_or_stalled_peer_ends_in_a_clear_error(demo_model_path, tmp_path, m
     assert result["elapsed_s"] < TIMEOUT_S * 3
 
 
+@pytest.mark.slow
+def test_retry_after_a_forward_failed_part_way_on_one_rank_is_refused(demo_model_path, tmp_path):
+    TIMEOUT_S = worker("zero3_dead_peer").TIMEOUT_S
+
+    proc = launch("zero3_dead_peer.py", "fails_mid_forward", str(tmp_path))
+    assert proc.returncode != 0, failure(proc)
+    failed, waiting = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (1, 0))
+    assert failed["error"] == "DistributedError", failure(proc)
+    assert "out of step" in failed["message"] and "OutOfMemoryError" in failed["message"]
+    assert failed["elapsed_s"] < 1  # refused without waiting in any collective
+    assert waiting["error"] == "DistributedError" and "forward" in waiting["message"], failure(proc)
+    assert waiting["elapsed_s"] < TIMEOUT_S * 3
+
+
 def test_without_a_distributed_launch_is_a_config_error(monkeypatch, demo_model_path):
     from steer_reward.backends.deepspeed import build_deepspeed_scorer
     from steer_reward.config import ConfigError, load_config
