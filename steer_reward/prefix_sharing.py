@@ -148,23 +148,29 @@ def plan_group_forwards(samples: Sequence[EncodedSample], shared: Sequence[Promp
     """Waves of one prefill forward and its completion forwards, then prefill forwards of the remaining samples.
 
     A wave holds the prompts of as many ``shared`` groups (in order) as fit ``max_tokens / (1 + kv_cost)`` prompt
-    tokens — the prefill's activations plus the keys and values it keeps — and fills the rest of its prefill
-    forward with whole ``unshared`` sequences, longest first. Its completions follow in group order, split into
-    forwards of ``max_tokens − kv_cost · held`` tokens. Prompts for which ``cached`` is true need no prefill.
+    tokens — the prefill's activations plus the keys and values it keeps — and leave room for the wave's longest
+    completion next to those keys and values; it fills the rest of its prefill forward with whole ``unshared``
+    sequences, longest first. Its completions follow in group order, split into forwards of
+    ``max_tokens − kv_cost · held`` tokens. Prompts for which ``cached`` is true need no prefill. So every forward
+    stays within ``max_tokens`` unless one group alone does not fit (``GroupScorer.split`` runs those whole) or a
+    sequence alone is longer.
     """
     max_tokens, max_segments, kv_cost = budget.max_tokens, budget.max_segments, budget.kv_cost
     if max_tokens <= 0 or max_segments <= 0:
         raise ValueError("max_tokens and max_batch_size must be positive")
     wave_tokens = max_tokens / (1 + kv_cost)
     waves: list[list[PromptGroup]] = []
-    held = 0
+    held = longest = 0
     for group in shared:
         cost = 0 if cached(group.prompt_ids) else len(group.prompt_ids)
-        if not waves or held + cost > wave_tokens or len(waves[-1]) >= max_segments:
+        completion = max((len(samples[i].completion_ids) for i in group.members), default=0)
+        if (not waves or held + cost > wave_tokens or len(waves[-1]) >= max_segments
+                or kv_cost * (held + cost) + max(longest, completion) > max_tokens):
             waves.append([])
-            held = 0
+            held = longest = 0
         waves[-1].append(group)
         held += cost
+        longest = max(longest, completion)
     pending = sorted(unshared, key=lambda i: (-len(samples[i]), i))
     plan = GroupPlan([])
     for number, wave in enumerate(waves):
@@ -264,7 +270,8 @@ class GroupScorer:
         ``prefix`` shares every non-empty prompt, ``packed`` none. ``auto`` shares a prompt that several samples
         use or that is cached, and — with a prompt cache — a long prompt whose completions may arrive in later
         calls (one reuse repays its extra completion forward); then keeps the cheaper of that plan and running
-        everything whole, counting tokens computed plus ``overhead_tokens`` per forward.
+        everything whole, counting tokens computed plus ``overhead_tokens`` per forward. Neither shares a prompt
+        whose forwards would not fit the budget (``fits_budget``): its samples run whole, in less memory.
         """
         groups = group_by_prompt(samples)
         if strategy == "packed":
@@ -276,9 +283,24 @@ class GroupScorer:
             shared = [g for g in groups if g.prompt_ids and (
                 len(g.members) > 1 or self.is_cached(g.prompt_ids)
                 or (self.cache_tokens > 0 and len(g.prompt_ids) > overhead))]
+        shared = [g for g in shared if self.fits_budget(g, samples)]
         chosen = {id(g) for g in shared}
         unshared = sorted(i for g in groups if id(g) not in chosen for i in g.members)
         return shared, unshared
+
+    def fits_budget(self, group: PromptGroup, samples: Sequence[EncodedSample]) -> bool:
+        """Whether sharing ``group``'s prompt keeps its forwards within ``max_tokens``: the prefill with the keys and
+        values it keeps (``(1 + kv_cost) · P``), and its longest completion next to them (``kv_cost · P + C``).
+        A cached prompt needs no prefill and its keys and values count against the cache's own budget.
+
+        Running the group's samples whole instead never needs more memory (``P + C`` per sample), so a prompt that
+        does not fit is not shared even under ``prefix``.
+        """
+        if self.is_cached(group.prompt_ids):
+            return True
+        prompt, budget = len(group.prompt_ids), self.budget
+        longest = max((len(samples[i].completion_ids) for i in group.members), default=0)
+        return (1 + budget.kv_cost) * prompt <= budget.max_tokens and budget.kv_cost * prompt + longest <= budget.max_tokens
 
     def plan(self, samples: Sequence[EncodedSample], strategy: str) -> GroupPlan:
         shared, unshared = self.split(samples, strategy)

@@ -370,3 +370,53 @@ def test_prompt_cache_size_changes_wait_for_the_scoring_call_in_flight():
     assert waited and len(results) == 1
     torch.testing.assert_close(results[0], reference(model, samples), **TOL)
     assert not backend.groups.is_cached(prompt)
+
+
+def forward_memory(plan, kv_cost: float) -> list[tuple[object, float]]:
+    """(forward, tokens it computes + kv_cost · prompt tokens whose keys and values it holds) for each forward."""
+    held, out = {}, []
+    for forward in plan.forwards:
+        kept = sum(len(s.tokens) for s in forward.segments if s.keep is not None)
+        if forward.kind == "prefill":
+            held[forward.wave] = kept
+        out.append((forward, forward.tokens + kv_cost * (kept if forward.kind == "prefill" else held[forward.wave])))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_no_forward_exceeds_the_budget_unless_one_sequence_alone_does(seed):
+    """A prompt whose prefill (its tokens and kept keys and values) or whose longest completion next to those keys
+    would overflow ``max_tokens`` runs whole instead (never more memory); waves leave room for their longest
+    completion. Only a whole sequence longer than the budget may exceed it, alone."""
+    from steer_reward.prefix_sharing import GroupScorer
+
+    rng = random.Random(seed)
+    max_tokens = rng.choice([100, 300, 1000])
+    budget = ForwardBudget(max_tokens, rng.choice([2, 8, 64]), kv_cost=1.5)
+    prompts = [ids(rng, rng.randint(1, max_tokens)) for _ in range(6)]
+    samples = [EncodedSample(p, ids(rng, rng.randint(0, max_tokens // 3))) for p in prompts
+               for _ in range(rng.randint(1, 5))]
+    scorer = GroupScorer(lambda layout: None, budget, overhead_tokens=rng.choice([0, 16, 128]),
+                         cache_tokens=10**6 if seed % 2 else 0)
+    if seed % 2:  # some prompts cached: their completions read keys and values the cache holds
+        for prompt in prompts[::2]:
+            scorer._cache[prompt] = ([], torch.zeros(9))
+    for strategy in ("auto", "prefix"):
+        plan = scorer.plan(samples, strategy)
+        scored = [i for f in plan.forwards for rows in f.scored for i in rows]
+        assert sorted(scored + [i for _, members in plan.from_cache for i in members]) == list(range(len(samples)))
+        for forward, memory in forward_memory(plan, budget.kv_cost):
+            alone = forward.kind == "prefill" and len(forward.segments) == 1 and forward.segments[0].keep is None
+            assert memory <= max_tokens or (alone and forward.tokens > max_tokens), (strategy, forward.kind, memory)
+
+
+def test_a_prompt_too_long_to_share_within_the_budget_runs_whole():
+    model = tiny_model()
+    rng = random.Random(12)
+    prompt = ids(rng, 85)
+    samples = [EncodedSample(prompt, ids(rng, 10)) for _ in range(3)]
+    backend = LocalBackend(model, PAD, BatchingConfig(strategy="prefix", max_tokens=100, forward_overhead_tokens=0))
+    assert backend.groups.budget.kv_cost == 0.25  # the tiny model's keys and values per token, in forward tokens
+    # Sharing: a prefill of 85 tokens holding their keys and values (106 > 100). Whole: 95 tokens per forward.
+    assert all(f.kind == "prefill" and f.segments[0].keep is None for f in backend.groups.plan(samples, "prefix").forwards)
+    check_plan(backend, samples)
