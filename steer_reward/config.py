@@ -97,8 +97,9 @@ class BatchingConfig:
     run once, in prefill forwards that also carry whole samples, and their completions in completion forwards,
     unless running everything whole is cheaper), ``prefix`` (every prompt shared), ``packed`` (every sample whole in
     ragged forwards, no sharing) or ``padded`` (length-bucketed, right-padded micro-batches). Models ragged forwards
-    cannot run exactly (custom code, sliding-window or flash attention) use ``padded``, with a warning when another
-    strategy was asked for."""
+    cannot run exactly (custom code, sliding-window or flash attention, ``dynamic`` or ``longrope`` rotary scaling)
+    use ``padded``, with a warning when another strategy was asked for. ``auto`` and ``prefix`` share a prompt
+    only where its forwards fit ``max_tokens``."""
     max_row_tokens: int = 2048
     """Token budget of one forward for ``strategy: packed`` (the smaller of this and ``max_tokens``)."""
     forward_overhead_tokens: int = 128

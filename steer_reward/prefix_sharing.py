@@ -17,8 +17,8 @@ wave stays within the budget that bounds a padded micro-batch.
 Supported architectures: decoder models whose Transformers ``*ForSequenceClassification`` class has a ``score``
 head (``find_head``), with full (non-sliding) causal attention, rotary positions and the ``sdpa`` or ``eager``
 attention implementation: ``model_type`` llama (SteerLM-RM's HF conversion), mistral, qwen2, qwen3. Anything else
-(custom code such as ArmoRM, sliding-window layers, flash-attention) is reported by ``prefix_sharing_unsupported``
-and the backend falls back to padded micro-batches.
+(custom code such as ArmoRM, sliding-window layers, flash-attention, rotary scaling that follows the longest position
+of a forward) is reported by ``prefix_sharing_unsupported`` and the backend falls back to padded micro-batches.
 """
 
 from __future__ import annotations
