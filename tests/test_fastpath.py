@@ -58,15 +58,33 @@ _REFERENCES: dict = {}
 
 
 def reference(model: nn.Module, samples) -> torch.Tensor:
-    """Plain HF forwards of each sample alone; remembered per model weights (tests rebuild the same seeded models)."""
+    """Plain HF forwards of each sample alone; remembered per model (tests rebuild the same seeded models). The key
+    holds the whole config and every parameter's shape: models of one seed but other shapes (head_dim, rotary
+    scaling) share their first weights."""
     first = next(model.parameters())
-    weights = (model.config.model_type, model.config._attn_implementation, str(first.dtype),
-               tuple(first.flatten()[:8].tolist()))
+    weights = (model.config.to_json_string(), model.config._attn_implementation, str(first.dtype),
+               tuple(p.shape for p in model.parameters()), tuple(first.flatten()[:8].tolist()))
     for s in samples:
         if (weights, s.input_ids) not in _REFERENCES:
             _REFERENCES[weights, s.input_ids] = plain_hf_attributes(model, s.input_ids)
     return torch.stack([_REFERENCES[weights, s.input_ids] for s in samples])
 
+
+
+def test_remembered_references_tell_models_of_one_seed_apart():
+    """Same seed, same first weights, other rotary scaling: a reference of one must not be reused for the other."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    plain = tiny_model()
+    config = AutoConfig.for_model("llama", **{k: getattr(plain.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "num_labels", "pad_token_id", "max_position_embeddings", "head_dim")},
+        rope_parameters={"rope_type": "linear", "factor": 2.0})
+    torch.manual_seed(0)
+    scaled = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
+    samples = [EncodedSample(tuple(range(1, 30)), (40, 41))]
+    assert not torch.equal(reference(plain, samples), reference(scaled, samples))
+    torch.testing.assert_close(reference(scaled, samples)[0], plain_hf_attributes(scaled, samples[0].input_ids))
 
 def check_plan(backend: LocalBackend, samples) -> None:
     """plan() lists exactly the forwards attributes() ran, and covers every sample."""
