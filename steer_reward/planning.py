@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens", "fill_forwards", "kv_token_cost", "rope_alone_from"]
+__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens", "fill_forwards", "kv_token_cost",
+           "rope_alone_from"]
 
 
 def padded_tokens(lengths: Sequence[int], batch: Sequence[int]) -> int:
@@ -141,7 +142,8 @@ def rope_alone_from(config) -> int | None:
     if not isinstance(params, dict):
         return None
     # One set of parameters, or one per layer type.
-    sets = [params] if "rope_type" in params or "type" in params else [p for p in params.values() if isinstance(p, dict)]
+    one_set = "rope_type" in params or "type" in params
+    sets = [params] if one_set else [p for p in params.values() if isinstance(p, dict)]
     limits = []
     for p in sets:
         kind = str(p.get("rope_type", p.get("type")) or "default")

@@ -300,7 +300,8 @@ class GroupScorer:
             return True
         prompt, budget = len(group.prompt_ids), self.budget
         longest = max((len(samples[i].completion_ids) for i in group.members), default=0)
-        return (1 + budget.kv_cost) * prompt <= budget.max_tokens and budget.kv_cost * prompt + longest <= budget.max_tokens
+        prefill, completion = (1 + budget.kv_cost) * prompt, budget.kv_cost * prompt + longest
+        return max(prefill, completion) <= budget.max_tokens
 
     def plan(self, samples: Sequence[EncodedSample], strategy: str) -> GroupPlan:
         shared, unshared = self.split(samples, strategy)

@@ -436,5 +436,6 @@ def test_a_prompt_too_long_to_share_within_the_budget_runs_whole():
     backend = LocalBackend(model, PAD, BatchingConfig(strategy="prefix", max_tokens=100, forward_overhead_tokens=0))
     assert backend.groups.budget.kv_cost == 0.25  # the tiny model's keys and values per token, in forward tokens
     # Sharing: a prefill of 85 tokens holding their keys and values (106 > 100). Whole: 95 tokens per forward.
-    assert all(f.kind == "prefill" and f.segments[0].keep is None for f in backend.groups.plan(samples, "prefix").forwards)
+    forwards = backend.groups.plan(samples, "prefix").forwards
+    assert all(f.kind == "prefill" and f.segments[0].keep is None for f in forwards)
     check_plan(backend, samples)
