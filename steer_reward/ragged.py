@@ -70,8 +70,10 @@ def plan_attention_buckets(lengths: Sequence[int], call_tokens: int) -> list[lis
     The work of a bucket is ``rows · longest²`` (query-key pairs of the padded block); one call costs
     ``call_tokens²`` pairs. Dynamic programming over the lengths sorted longest first; every index once.
 
-    >>> plan_attention_buckets([300, 20, 290, 25], call_tokens=64)
+    >>> plan_attention_buckets([300, 20, 290, 25], call_tokens=256)  # a GPU: similar lengths share a call
     [[0, 2], [3, 1]]
+    >>> plan_attention_buckets([300, 20, 290, 25], call_tokens=16)  # a CPU: only tiny segments share
+    [[0], [2], [3, 1]]
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     n = len(order)
