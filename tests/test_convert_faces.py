@@ -8,8 +8,6 @@ agreement with Megatron's forward is tested in tests/test_convert_megatron.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

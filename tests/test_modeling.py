@@ -11,7 +11,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, LlamaF
                           LlamaForSequenceClassification, PretrainedConfig, PreTrainedModel)
 from transformers.utils import ModelOutput
 
-from steer_reward.config import ModelConfig, load_config
+from steer_reward.config import ModelConfig
 from steer_reward.modeling import ModelLoadError, load_reward_model
 from steer_reward.reward import SteerReward
 from steer_reward.schema import SchemaError
