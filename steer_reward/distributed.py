@@ -3,6 +3,11 @@
 Every function here is a collective when more than one rank runs: all ranks must call it, in the same order. A
 collective that cannot complete (a rank died, or never started) raises ``DistributedError`` after the process
 group's timeout instead of hanging forever.
+
+A rank that fails on its own (a bad argument, a sample that cannot be encoded) before a collective the other ranks
+are entering must not leave them waiting there until that timeout: it joins the collective anyway, flagged, and
+every rank raises the same error naming it (``agreed_failure``). The flag rides a collective the call makes anyway
+(the ZeRO-3 count agreement, the statistics merge); only the failure path adds one, to gather the messages.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import contextlib
 import os
 import zlib
 from datetime import timedelta
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import torch
 
 from steer_reward.config import ConfigError
+from steer_reward.formatting import FormattingError
 from steer_reward.shaping import Moments
 
 __all__ = [
@@ -27,6 +33,9 @@ __all__ = [
     "local_device",
     "ensure_process_group",
     "all_reduce_max",
+    "agreed_failure",
+    "shared_error",
+    "shared_type_name",
     "gather_moments",
     "merge_in_rank_order",
     "RankMomentsSync",
@@ -145,39 +154,89 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu", timeout_s: fl
     return int(tensor.item())
 
 
-def _pack(moments: Moments, tag: float) -> torch.Tensor:
-    """``[tag, count, mean..., m2...]``. Shape: ``(2 + 2K,)``, float64."""
-    head = torch.tensor([tag, moments.count], dtype=torch.float64)
+_SHARED_TYPES = {cls.__name__: cls for cls in (FormattingError, ConfigError, ValueError, TypeError, FileNotFoundError,
+                                                PermissionError, IsADirectoryError, NotADirectoryError)}
+"""Error types every rank may raise again by name from one line of text: the user errors a rank can meet alone."""
+
+
+def shared_type_name(error: BaseException) -> str:
+    """The name of the nearest type of ``error`` that every rank may raise again (``shared_error``), or its own."""
+    return next((cls.__name__ for cls in type(error).__mro__ if cls.__name__ in _SHARED_TYPES), type(error).__name__)
+
+
+def shared_error(type_name: str, text: str) -> Exception:
+    """An error of the type named ``type_name`` (``DistributedError`` for a type not in ``_SHARED_TYPES``)."""
+    return _SHARED_TYPES.get(type_name, DistributedError)(text)
+
+
+def agreed_failure(error: BaseException | None, what: str, timeout_s: float | None = None) -> Exception:
+    """The error every rank raises once a collective's failure flag said some rank failed; a collective itself
+    (an all-gather of the failing ranks' messages, run only on this failure path).
+
+    ``error`` is this rank's own failure, or None. Every rank gets the same text, ``"<what> (rank r: Type:
+    message; ...)"``, naming each failing rank and its cause; its type is the failures' own when they all share one
+    of ``_SHARED_TYPES`` (a ``FormattingError`` stays one, so the CLI and trainers report it as a user error; a
+    ``ValueError`` subclass becomes a ``ValueError``), else ``DistributedError``. Raise it ``from error`` so the
+    failing rank keeps its own traceback.
+    """
+    local = None
+    if error is not None:
+        local = (type(error).__name__, shared_type_name(error), str(error).splitlines()[0] if str(error) else "")
+    reports: list = [local]
+    if is_distributed():
+        reports = [None] * world_size()
+        with collective("gathering the failing ranks' errors (all-gather)", timeout_s):
+            torch.distributed.all_gather_object(reports, local)
+    failed = [(r, report) for r, report in enumerate(reports) if report is not None]
+    detail = "; ".join(f"rank {r}: {name}: {message}" for r, (name, _, message) in failed)
+    shared = {kind for _, (_, kind, _) in failed}
+    return shared_error(shared.pop() if len(shared) == 1 else "", f"{what} ({detail})")
+
+
+MERGE_FAILED = "a rank failed before merging the running statistics, so no rank updated them or shaped this batch"
+"""What every rank says when the statistics merge carried a rank's failure (``gather_moments``)."""
+
+
+def _pack(moments: Moments, tag: float, failed: bool = False) -> torch.Tensor:
+    """``[tag, failed, count, mean..., m2...]``. Shape: ``(3 + 2K,)``, float64."""
+    head = torch.tensor([tag, float(failed), moments.count], dtype=torch.float64)
     return torch.cat([head, moments.mean.double().cpu(), moments.m2.double().cpu()])
 
 
-def _unpack(packed: torch.Tensor) -> tuple[float, Moments]:
-    size = (packed.numel() - 2) // 2
+def _unpack(packed: torch.Tensor) -> tuple[float, bool, Moments]:
+    size = (packed.numel() - 3) // 2
     packed = packed.cpu()
-    return float(packed[0]), Moments(float(packed[1]), packed[2 : 2 + size].clone(), packed[2 + size :].clone())
+    moments = Moments(float(packed[2]), packed[3 : 3 + size].clone(), packed[3 + size :].clone())
+    return float(packed[0]), bool(packed[1]), moments
 
 
 def gather_moments(moments: Moments, device: torch.device | str = "cpu", timeout_s: float | None = None,
-                   tag: str | None = None) -> list[Moments]:
+                   tag: str | None = None, error: BaseException | None = None) -> list[Moments]:
     """Every rank's moments, in rank order (``[moments]`` in a single process).
 
     ``tag`` names what the moments are of; ranks that reach this collective for different things (their calls
     out of order) raise a ``DistributedError`` instead of merging one thing's statistics into another's.
+    ``error``: this rank failed before it could merge (its ``moments`` are then empty ones of the right size); every
+    rank raises ``agreed_failure`` instead of merging, and no rank's statistics move.
     """
     if not is_distributed():
+        if error is not None:
+            raise error
         return [moments]
-    local = _pack(moments, float(zlib.crc32(tag.encode())) if tag else 0.0).to(device)
+    local = _pack(moments, float(zlib.crc32(tag.encode())) if tag else 0.0, error is not None).to(device)
     parts = [torch.empty_like(local) for _ in range(world_size())]
     with collective("gathering running statistics (all-gather)", timeout_s):
         torch.distributed.all_gather(parts, local)
     unpacked = [_unpack(p) for p in parts]
-    if len({t for t, _ in unpacked}) > 1:
+    if any(failed for _, failed, _ in unpacked):
+        raise agreed_failure(error, MERGE_FAILED, timeout_s) from error
+    if len({t for t, _, _ in unpacked}) > 1:
         raise DistributedError(
             f"rank {rank()}: the ranks merged the running statistics of different things at once ({tag or 'untagged'} "
             "here): statistic updates ran in different orders on different ranks; call reward functions in the "
             "same order on every rank"
         )
-    return [m for _, m in unpacked]
+    return [m for _, _, m in unpacked]
 
 
 def merge_in_rank_order(parts: Sequence[Moments]) -> Moments:
@@ -209,6 +268,14 @@ class RankMomentsSync:
     def __call__(self, moments: Moments) -> Moments:
         self.calls += 1
         return merge_in_rank_order(gather_moments(moments, self.device, self.timeout_s, self.tag))
+
+    def fail_together(self, error: BaseException, size: int) -> NoReturn:
+        """Join the merge the other ranks are making (``size`` columns, as theirs) flagged with this rank's
+        ``error``, instead of leaving them waiting in it: every rank raises the same error naming this rank."""
+        self.calls += 1
+        empty = torch.zeros(size, dtype=torch.float64)
+        gather_moments(Moments(0, empty, empty), self.device, self.timeout_s, self.tag, error=error)
+        raise error  # not reached: a flagged merge raises on every rank
 
 
 def collective_device() -> torch.device:

@@ -470,14 +470,18 @@ def test_zero3_backend_falls_back_to_padded_for_models_ragged_forwards_cannot_ru
 
 
 def test_zero3_encoding_failure_in_one_process_raises_the_agreed_error():
-    from steer_reward.backends.deepspeed import _raise_agreed_failure
-    from steer_reward.distributed import DistributedError
+    from steer_reward.backends.deepspeed import SCORING_FAILED
+    from steer_reward.distributed import DistributedError, agreed_failure
+    from steer_reward.errors import InputError
     from steer_reward.formatting import FormattingError
 
-    with pytest.raises(FormattingError, match=r"no rank scored this batch \(rank 0: FormattingError: bad one\)"):
-        _raise_agreed_failure(FormattingError("bad one"), None)
-    with pytest.raises(DistributedError, match="rank 0: KeyError"):
-        _raise_agreed_failure(KeyError("x"), None)
+    failure = agreed_failure(FormattingError("bad one"), SCORING_FAILED)
+    assert type(failure) is FormattingError
+    assert str(failure).endswith("no rank scored this batch (rank 0: FormattingError: bad one)")
+    failure = agreed_failure(KeyError("x"), SCORING_FAILED)
+    assert type(failure) is DistributedError and "rank 0: KeyError: 'x'" in str(failure)
+    failure = agreed_failure(InputError("line 3"), SCORING_FAILED)  # a ValueError subclass: a ValueError everywhere
+    assert type(failure) is ValueError and "rank 0: InputError: line 3" in str(failure)
 
 
 class FailingEngine(EngineStub):
@@ -519,3 +523,32 @@ def test_zero3_rank_whose_forward_failed_part_way_refuses_later_calls(demo_score
     with pytest.raises(DistributedError, match=r"failed in the middle .*\(OutOfMemoryError: CUDA out of memory"):
         backend.attributes(samples)
     assert (len(agreements), engine.calls) == before  # nothing joined, nothing run
+
+
+def test_zero3_planning_failure_rides_the_count_agreement_and_leaves_the_rank_in_step(demo_scorer, monkeypatch):
+    """Planning runs before the count agreement: a failure there is flagged in it (every rank raises it), and the
+    rank stays in step, as for a sample that fails to encode; a refused argument joins the same way."""
+    from steer_reward.backends import deepspeed as ds
+    from steer_reward.config import BatchingConfig
+    from steer_reward.distributed import DistributedError
+    from steer_reward.scoring import AttributeScores
+
+    samples = demo_scorer.encode(["Name a color."] * 2, ["Red.", "Blue."])
+    backend = ds.ZeroInferenceBackend(EngineStub(demo_scorer.model), demo_scorer.tokenizer.pad_token_id, 9,
+                                      BatchingConfig(strategy="prefix", forward_overhead_tokens=0))
+    agreements = []
+    monkeypatch.setattr(ds, "_all_reduce_max", lambda values, device, timeout: agreements.append(values) or values)
+    real_plan = backend.groups.plan
+    monkeypatch.setattr(backend.groups, "plan", lambda *a: (_ for _ in ()).throw(KeyError("a plan bug")))
+    with pytest.raises(DistributedError, match=r"no rank scored this batch \(rank 0: KeyError: 'a plan bug'\)"):
+        backend.attributes(samples)
+    assert agreements == [[0, 0, 0, 1]] and backend.out_of_step is None
+    monkeypatch.setattr(backend.groups, "plan", real_plan)
+    scorer = ds.DeepSpeedAttributeScorer(demo_scorer.formatter, backend, demo_scorer.schema)
+    with pytest.raises(ValueError, match=r"no rank scored this batch \(rank 0: ValueError: got 1 lengths"):
+        scorer.fail_together(ValueError("got 1 lengths for 2 samples"))
+    assert agreements[-1] == [0, 0, 0, 1] and backend.out_of_step is None
+    scores = scorer.score(["Name a color."] * 2, ["Red.", "Blue."])
+    assert isinstance(scores, AttributeScores) and agreements[-1][-1] == 0
+    reference = torch.stack([plain_hf_attributes(demo_scorer.model, s.input_ids) for s in samples])
+    torch.testing.assert_close(scores.values, reference, atol=1e-4, rtol=0)

@@ -11,8 +11,10 @@ What ZeRO-3 inference needs (DESIGN.md, "DeepSpeed ZeRO-3", verified on CPU with
   runs one ragged forward of the local backend's plan (prefix sharing over many groups per forward);
 - every forward is a collective: ranks agree on the count of each kind of forward (prefill, completion, padded)
   with one all-reduce MAX, and short ranks, including ranks with no samples at all, run dummy forwards of that kind
-  whose results are discarded. A rank whose samples failed to encode says so in the same all-reduce, so every rank
-  raises the same error at once instead of waiting in a collective until the process-group timeout. A forward
+  whose results are discarded. A rank that failed before it could score (its samples failed to encode, or the
+  caller's arguments were refused: ``DeepSpeedAttributeScorer.fail_together``) says so in the same all-reduce, so
+  every rank raises the same error naming it at once, still in step, instead of waiting in a collective until the
+  process-group timeout. A forward
   that fails part-way on one rank (an out-of-memory) cannot be made good: that rank refuses every later call
   instead of issuing collectives that no longer pair with the other ranks' (a hang, or wrong tensors under NCCL).
 
@@ -29,14 +31,15 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import torch
 from torch import nn
 
 from steer_reward.config import BatchingConfig, ConfigError, SteerRewardConfig
-from steer_reward.distributed import (DistributedError, RankMomentsSync, collective, ensure_process_group,
-                                      is_distributed, local_device, rank, skip_cpu_shm_build, world_size)
+from steer_reward.distributed import (DistributedError, RankMomentsSync, agreed_failure, collective,
+                                      ensure_process_group, is_distributed, local_device, rank, skip_cpu_shm_build,
+                                      world_size)
 from steer_reward.formatting import EncodedSample, FormattingError, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
 from steer_reward.planning import plan_microbatches, rope_alone_from
@@ -104,32 +107,8 @@ def _all_reduce_max(values: Sequence[int], device: torch.device, timeout_s: floa
     return [int(v) for v in tensor.tolist()]
 
 
-def _raise_agreed_failure(error: BaseException | None, timeout_s: float | None) -> None:
-    """Raise the same error on every rank once the all-reduce said some rank's samples failed to encode."""
-    failure = _agreed_failure(error, timeout_s)
-    raise failure from error
-
-
-def _agreed_failure(error: BaseException | None, timeout_s: float | None) -> Exception:
-    """The error every rank raises once the all-reduce said some rank's samples failed to encode.
-
-    The failing ranks' messages are gathered (a collective only on this failure path), so every rank raises the
-    same text: a ``FormattingError`` when every failure is one (a user error: the CLI and trainers report it as
-    such), else a ``DistributedError`` (chained to the local failure where there is one).
-    """
-    reports: list = [None]
-    local = None if error is None else (type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-    if is_distributed():
-        reports = [None] * torch.distributed.get_world_size()
-        with collective("gathering the encoding errors (all-gather)", timeout_s):
-            torch.distributed.all_gather_object(reports, local)
-    else:
-        reports = [local]
-    failed = [(r, report) for r, report in enumerate(reports) if report is not None]
-    detail = "; ".join(f"rank {r}: {name}: {message}" for r, (name, message) in failed)
-    text = f"a sample could not be encoded, so no rank scored this batch ({detail})"
-    kind = FormattingError if all(name == FormattingError.__name__ for _, (name, _) in failed) else DistributedError
-    return kind(text)
+SCORING_FAILED = "a rank could not start this scoring call, so no rank scored this batch"
+"""What every rank says when the count agreement carried a rank's failure (``distributed.agreed_failure``)."""
 
 
 class ZeroInferenceBackend:
@@ -221,10 +200,11 @@ class ZeroInferenceBackend:
         """Attributes of every sample, in input order. Shape: ``(n, K)``, float32 on CPU.
 
         Every rank runs the same number of forwards of each kind (DESIGN.md: unequal counts hang ZeRO-3): one
-        all-reduce MAX agrees on the counts, and on whether any rank's ``error`` (a sample that failed to encode)
-        stops the call everywhere; then a rank with fewer forwards of a kind, or none, runs one-token dummy forwards
-        of that kind. A call that fails after the agreement (a forward stopped part-way) leaves this rank out of step
-        with the others, whose collectives it will never join: every later call raises ``DistributedError`` at once.
+        all-reduce MAX agrees on the counts, and on whether any rank's ``error`` (this rank failed before it could
+        score: a sample that failed to encode, a refused argument) stops the call everywhere; then a rank with fewer
+        forwards of a kind, or none, runs one-token dummy forwards of that kind. A call that fails after the
+        agreement (a forward stopped part-way) leaves this rank out of step with the others, whose collectives it
+        will never join: every later call raises ``DistributedError`` at once.
         """
         if self.out_of_step is not None:
             # Any collective now would pair with another rank's different one: a hang, or under NCCL bytes read as
@@ -234,17 +214,15 @@ class ZeroInferenceBackend:
                 f"collectives ({self.out_of_step}), so this rank is out of step with the others and cannot score "
                 "again; restart the job"
             )
-        plan = self.groups.plan(samples, self.strategy) if self.groups is not None else None
-        if plan is not None:
-            mine = [sum(f.kind == kind for f in plan.forwards) for kind in FORWARD_KINDS[:2]] + [0]
-            batches: list[list[int]] = []
-        else:
-            batches = plan_microbatches([len(s) for s in samples], self.batching.max_tokens,
-                                        self.batching.max_batch_size, rope_alone_from(self._config))
-            mine = [0, 0, len(batches)]
+        plan, batches, mine = None, [], [0, 0, 0]
+        if error is None:
+            try:  # planning runs before the agreement: a failure here must reach the other ranks through it too
+                plan, batches, mine = self._plan_kinds(samples)
+            except Exception as err:  # noqa: BLE001 - any failure here must reach the other ranks
+                plan, batches, mine, error = None, [], [0, 0, 0], err
         with self._in_step():
             agreed = _all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s)
-            failure = _agreed_failure(error, self.timeout_s) if agreed[-1] else None
+            failure = agreed_failure(error, SCORING_FAILED, self.timeout_s) if agreed[-1] else None
         if failure is not None:
             raise failure from error  # every rank raises it here, still in step
         out = torch.empty((len(samples), self.num_outputs), dtype=torch.float32)
@@ -259,6 +237,15 @@ class ZeroInferenceBackend:
                 for _ in range(need - have):
                     self._dummy(kind)
         return out
+
+    def _plan_kinds(self, samples: Sequence[EncodedSample]) -> tuple[Any, list[list[int]], list[int]]:
+        """(the group plan or None, the padded micro-batches, this rank's forward count of each kind)."""
+        if self.groups is not None:
+            plan = self.groups.plan(samples, self.strategy)
+            return plan, [], [sum(f.kind == kind for f in plan.forwards) for kind in FORWARD_KINDS[:2]] + [0]
+        batches = plan_microbatches([len(s) for s in samples], self.batching.max_tokens,
+                                    self.batching.max_batch_size, rope_alone_from(self._config))
+        return None, batches, [0, 0, len(batches)]
 
     @contextlib.contextmanager
     def _in_step(self) -> Iterator[None]:
@@ -307,6 +294,13 @@ class DeepSpeedAttributeScorer(AttributeScorer):
             samples, error = [], err
         values = self.backend.attributes(samples, error=error)
         return AttributeScores.from_samples(values, self.schema.names, samples)
+
+    def fail_together(self, error: BaseException) -> NoReturn:
+        """Join the scoring call the other ranks are making, flagged with ``error`` (this rank failed before it
+        could score, e.g. on a refused argument), instead of leaving them waiting in it: every rank raises the same
+        error naming this rank, and the ranks stay in step for the next call."""
+        self.backend.attributes([], error=error)
+        raise error  # not reached: a flagged agreement raises on every rank
 
 
 # --------------------------------------------------------------------------------------------------- configs
