@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from steer_reward.config import SteerRewardConfig, load_config
 from steer_reward.formatting import Completion, Prompt
 from steer_reward.schema import AttributeSchema
 from steer_reward.scoring import AttributeScores
-from steer_reward.shaping import MomentsSync, RewardShaper
+from steer_reward.shaping import MomentsSync, RewardShaper, lengths_tensor
 
 __all__ = ["ScoredBatch", "SteerReward", "build_scorer"]
 
@@ -84,24 +84,92 @@ class SteerReward:
 
         ``lengths`` replaces the reward model's completion token counts for the length penalty (e.g. the
         policy's own token counts). ``sync`` merges this update's batch moments across ranks (default: the
-        shaper's own, set by the DeepSpeed backend); it is a collective, so every rank must make the same call.
+        shaper's own, set by the DeepSpeed backend); it is a collective, so every rank must make the same call, and
+        lengths refused on one rank end the call on every rank (``fail_together``).
         """
         if lengths is None:
             lengths = attributes.completion_lengths
-        elif len(lengths) != len(attributes):
-            raise ValueError(f"got {len(lengths)} lengths for {len(attributes)} samples")
-        return self.shaper(attributes.values, torch.as_tensor(lengths), update_stats=update_stats, sync=sync)
+        else:
+            try:
+                lengths = lengths_tensor(lengths, len(attributes))
+            except ValueError as err:
+                self.fail_together(err, "after scoring", update_stats, sync)
+        return self.shaper(attributes.values, lengths, update_stats=update_stats, sync=sync)
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
               lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False,
               sync: MomentsSync | None = None) -> ScoredBatch:
-        """Attributes and rewards of each (prompt, completion), in input order."""
-        attributes = self.scorer.score(prompts, completions)
+        """Attributes and rewards of each (prompt, completion), in input order.
+
+        ``lengths`` are checked before scoring, so that when ranks score together (ZeRO-3) a refusal on one rank
+        ends the call on every rank at once (``fail_together``).
+        """
+        lengths, error = self._checked_lengths(lengths, completions)
+        attributes = self.score_attributes(prompts, completions, update_stats=update_stats, sync=sync, error=error)
         return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats, sync))
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
                  lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False) -> list[float]:
         return self.score(prompts, completions, lengths=lengths, update_stats=update_stats).rewards.tolist()
+
+    @staticmethod
+    def _checked_lengths(lengths: Sequence[int] | torch.Tensor | None,
+                         completions: Sequence[Completion]) -> tuple[torch.Tensor | None, Exception | None]:
+        """(``lengths`` as a tensor, None) when they fit ``completions``, else (None, the refusal)."""
+        if lengths is None:
+            return None, None
+        try:
+            return lengths_tensor(lengths, len(completions)), None
+        except (TypeError, ValueError) as err:
+            return None, err
+
+    # -- a failure on one rank of several that call together ----------------------------------------------------
+
+    @property
+    def scores_together(self) -> bool:
+        """Whether scoring is itself a collective across ranks (ZeRO-3), which agrees its own failures."""
+        return getattr(self.scorer, "fail_together", None) is not None
+
+    def score_attributes(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
+                         update_stats: bool = False, sync: MomentsSync | None = None,
+                         error: BaseException | None = None) -> AttributeScores:
+        """The attributes of each (prompt, completion), for a call whose rewards then update statistics as
+        ``update_stats`` and ``sync`` say. ``error``: this rank already failed (e.g. a refused argument) and only
+        joins what the other ranks are doing in this call, to end it on every rank (``fail_together``); a scorer's
+        own failure on this rank ends it on every rank too."""
+        if error is not None:
+            self.fail_together(error, "before scoring", update_stats, sync)
+        try:
+            return self.scorer.score(prompts, completions)
+        except Exception as err:  # noqa: BLE001 - a failure on this rank alone must reach the others
+            self.fail_together(err, "scoring", update_stats, sync)
+
+    def fail_together(self, error: BaseException, stage: str, update_stats: bool = False,
+                      sync: MomentsSync | None = None) -> NoReturn:
+        """Raise ``error``, met by this rank alone during a call that several ranks make together, on every rank.
+
+        A rank raising alone would leave the others waiting in the call's next collective until the process group's
+        timeout (``deepspeed.timeout_s``, or the trainer's: 30 minutes by default). Instead this rank joins that
+        collective with a failure flag, and every rank raises the same error naming it, still in step for the next
+        call. ``stage`` says where this rank stopped:
+
+        - ``"before scoring"``: the others are about to score; a scorer that is a collective (ZeRO-3) carries the
+          flag in its count agreement (``DeepSpeedAttributeScorer.fail_together``);
+        - ``"scoring"``: the scorer raised it; a collective scorer has already agreed it with the other ranks (or is
+          out of step with them), so it is raised as it is;
+        - ``"after scoring"``, or a scorer that is no collective: the flag rides this update's first statistics merge
+          when the call merges across ranks (``RewardShaper.fail_together``).
+
+        In a single process, and in a call that merges nothing, ``error`` is simply raised.
+        """
+        if stage not in ("before scoring", "scoring", "after scoring"):
+            raise ValueError(f"unknown stage {stage!r}")
+        if self.scores_together:
+            if stage == "scoring":
+                raise error
+            if stage == "before scoring":
+                self.scorer.fail_together(error)
+        self.shaper.fail_together(error, update_stats, sync)
 
     @property
     def is_async(self) -> bool:
@@ -121,7 +189,13 @@ class SteerReward:
                      lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False,
                      sync: MomentsSync | None = None) -> ScoredBatch:
         """``score`` for async callers (see ``ascore_attributes``)."""
-        attributes = await self.ascore_attributes(prompts, completions)
+        lengths, error = self._checked_lengths(lengths, completions)
+        if error is not None:
+            self.fail_together(error, "before scoring", update_stats, sync)
+        try:
+            attributes = await self.ascore_attributes(prompts, completions)
+        except Exception as err:  # noqa: BLE001 - a failure on this rank alone must reach the others
+            self.fail_together(err, "scoring", update_stats, sync)
         return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats, sync))
 
     def for_trl(self, name: str | None = None, **options: Any) -> Any:

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 import torch
 import yaml
@@ -24,7 +24,7 @@ from steer_reward.schema import AttributeSchema
 
 logger = logging.getLogger("steer_reward.shaping")
 
-__all__ = ["Moments", "RunningStats", "RewardShaper", "StatsLock", "load_fixed_stats"]
+__all__ = ["Moments", "RunningStats", "RewardShaper", "StatsLock", "load_fixed_stats", "lengths_tensor"]
 
 
 class Moments:
@@ -149,6 +149,19 @@ def load_fixed_stats(path: str | Path, schema: AttributeSchema) -> tuple[torch.T
     return mean, std
 
 
+def lengths_tensor(lengths: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
+    """Completion token counts as a CPU tensor. Shape: ``(n,)``. A ``ValueError`` when they are not ``n`` numbers."""
+    try:
+        tensor = torch.as_tensor(lengths).cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"lengths must be {n} token counts, got {type(lengths).__name__} ({err})") from None
+    if tensor.dim() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"lengths must be {n} token counts, got shape {tuple(tensor.shape)} of {tensor.dtype}")
+    if len(tensor) != n:
+        raise ValueError(f"got {len(tensor)} lengths for {n} samples")
+    return tensor
+
+
 def _finite_rows(x: torch.Tensor, columns: Sequence[int], what: str) -> torch.Tensor:
     """The rows of ``x`` whose ``columns`` are all finite. One NaN or inf sample (a broken forward, an overflow)
     would otherwise poison the running statistics, and with them every later reward."""
@@ -261,17 +274,17 @@ class RewardShaper:
         the batch's moments across ranks for this update (default: the shaper's ``sync``). Updates are atomic: a
         shaper may be called from several threads.
         """
-        if attributes.dim() != 2 or attributes.shape[1] != self.schema.num_outputs:
-            raise ValueError(f"attributes must have shape (n, {self.schema.num_outputs}), got {tuple(attributes.shape)}")
-        if self.needs_lengths and lengths is None:
-            raise ValueError("the length penalty needs completion token lengths")
         sync = sync if sync is not None else self.sync
+        try:
+            lengths = self.checked_lengths(attributes, lengths)
+        except Exception as err:  # noqa: BLE001 - refused here, before the merge the other ranks are entering
+            self.fail_together(err, update_stats, sync)
         live = list(self.schema.live)  # dead outputs never enter the sum, not even as 0 * nan
         with self.lock:  # both statistics move together, and this batch is shaped with the state it produced
             a = self.normalized(self.decorrelated(attributes.cpu()), update_stats, sync)
             rewards = a[:, live] @ self.weights[live] + self.config.bias
             if self.needs_lengths:
-                rewards = rewards - self.length_penalty(torch.as_tensor(lengths).cpu())
+                rewards = rewards - self.length_penalty(lengths)
             if self.config.reward_normalization == "running":
                 if update_stats:
                     self.reward_stats.update(_finite_rows(rewards[:, None], (0,), "rewards"), sync)
@@ -281,6 +294,34 @@ class RewardShaper:
             lo, hi = (float(c) for c in self.config.clip)
             rewards = rewards.clamp(lo, hi)
         return rewards.float()
+
+    def checked_lengths(self, attributes: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None
+                        ) -> torch.Tensor | None:
+        """The lengths the length penalty reads, as a CPU tensor ``(n,)`` (None when the penalty is off), once
+        ``attributes`` ``(n, K)`` and ``lengths`` fit this shaper; a ``ValueError`` saying what does not otherwise."""
+        if attributes.dim() != 2 or attributes.shape[1] != self.schema.num_outputs:
+            raise ValueError(f"attributes must have shape (n, {self.schema.num_outputs}), "
+                             f"got {tuple(attributes.shape)}")
+        if not self.needs_lengths:
+            return None
+        if lengths is None:
+            raise ValueError("the length penalty needs completion token lengths")
+        return lengths_tensor(lengths, attributes.shape[0])
+
+    def fail_together(self, error: BaseException, update_stats: bool, sync: MomentsSync | None = None) -> NoReturn:
+        """Raise ``error``, which this rank met before this update's first cross-rank merge of statistics.
+
+        The merge is a collective the other ranks are entering; raising here alone would leave them waiting in it
+        until the process group's timeout. A ``sync`` that can carry a failure (``RankMomentsSync.fail_together``)
+        joins the merge flagged, so every rank raises the same error naming this rank and no statistics move.
+        Without a merge (a single process, no update, no running state) it is simply raised.
+        """
+        sync = sync if sync is not None else self.sync
+        carry = getattr(sync, "fail_together", None)
+        if update_stats and self.has_running_state and carry is not None:
+            # The first merge is of the attributes (K columns) under running normalization, else of the reward (1).
+            carry(error, self.schema.num_outputs if self.config.normalization == "running" else 1)
+        raise error
 
     def state_dict(self) -> dict:
         with self.lock:

@@ -180,3 +180,44 @@ def test_running_statistics_lose_no_update_under_threads():
         assert face.reward_stats.count == threads * calls
     torch.testing.assert_close(s.attribute_stats.mean, A[0].double())
     assert pair[0].lock is pair[1].lock and pair[0].attribute_stats is pair[1].attribute_stats
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ([[100], [700]], r"got shape \(2, 1\)"),  # before: broadcast against the rewards into a (2, 2) "reward"
+    ([100], "got 1 lengths for 2 samples"),
+    (["a", "b"], "must be 2 token counts"),
+    ([True, False], "must be 2 token counts"),
+])  # fmt: skip
+def test_lengths_that_are_not_one_count_per_sample_are_refused(lengths, message):
+    with pytest.raises(ValueError, match=message):
+        shaper(length_penalty={"alpha": 0.5, "target_tokens": 200})(A, lengths)
+
+
+class RecordingSync:
+    """A cross-rank merge in one process that records the failures it was asked to carry."""
+
+    def __init__(self) -> None:
+        self.carried: list[tuple[str, int]] = []
+
+    def __call__(self, moments: Moments) -> Moments:
+        return moments
+
+    def fail_together(self, error: BaseException, size: int) -> None:
+        self.carried.append((str(error), size))
+
+
+@pytest.mark.parametrize("shaping, update, size", [
+    ({"normalization": "running"}, True, 9),  # the first merge is of the attributes: K columns
+    ({"reward_normalization": "running"}, True, 1),  # only the reward's: one column
+    ({"normalization": "running"}, False, None),  # no update, no merge the other ranks wait in
+    ({}, True, None),  # nothing running, nothing merged
+])  # fmt: skip
+def test_a_refused_input_rides_the_first_merge_of_statistics_when_there_is_one(shaping, update, size):
+    """A rank refused here would leave the others waiting in the merge: the sync carries the error to them (in a
+    process group every rank then raises it; tests/test_rank_errors.py), else it is raised as it is."""
+    sync = RecordingSync()
+    refused = shaper(length_penalty={"alpha": 0.5, "target_tokens": 200}, **shaping)
+    with pytest.raises(ValueError, match="got 1 lengths for 2 samples"):
+        refused(A, [100], update_stats=update, sync=sync)
+    assert sync.carried == ([("got 1 lengths for 2 samples", size)] if size else [])
+    assert refused.attribute_stats.count == refused.reward_stats.count == 0
