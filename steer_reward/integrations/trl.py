@@ -290,8 +290,13 @@ class _TrlFace(_LazyReward):
         self.update_stats = reward.shaper.updates_in_training if update_stats is None else bool(update_stats)
 
     def _plan(self, completions: Sequence, completion_ids: Sequence | None,
-              log_metric: Callable | None) -> tuple[bool, Any, list[int] | None]:
-        """(update statistics?, the cross-rank merge for that update, the policy's completion lengths)."""
+              log_metric: Callable | None) -> tuple[bool, Any, list[int] | None, Exception | None]:
+        """(update statistics?, the cross-rank merge for that update, the policy's completion lengths, why this
+        call cannot go on).
+
+        The last is not raised here: the other ranks are about to score and merge in this call, so the face hands it
+        to ``SteerReward.fail_together`` at the point where it would join them, which ends the call on every rank.
+        """
         trainer = calling_trainer(log_metric)
         # TRL scores evaluation batches with the same reward functions; only training batches move the statistics.
         update = self.update_stats and not is_eval_call(trainer)
@@ -302,11 +307,13 @@ class _TrlFace(_LazyReward):
         try:
             lengths = policy_lengths(completion_ids, completions, eos_token_ids=self.policy_eos_token_ids,
                                      pad_token_id=self.policy_pad_token_id, unpadded=trainer is not None)
-        except ValueError:
-            if self.reward.shaper.needs_lengths:
-                raise
-            lengths = None  # only the length monitors read them then; the reward model's counts will do
-        return update, sync, lengths
+            if lengths is not None and len(lengths) != len(completions):
+                raise ValueError(f"got {len(lengths)} completion_ids for {len(completions)} completions")
+        except Exception as err:  # noqa: BLE001 - it must reach the other ranks (see the docstring)
+            if isinstance(err, ValueError) and not self.reward.shaper.needs_lengths:
+                return update, sync, None, None  # only the length monitors read them; the RM's counts will do
+            return update, sync, None, err
+        return update, sync, lengths, None
 
     @property
     def _merge_tag(self) -> str:
@@ -358,7 +365,9 @@ class SteerRewardFunc(_TrlFace):
 
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  log_metric: Callable | None = None, log_extra: Callable | None = None, **_: Any) -> list[float]:
-        update, sync, lengths = self._plan(completions, completion_ids, log_metric)
+        update, sync, lengths, error = self._plan(completions, completion_ids, log_metric)
+        if error is not None:
+            self.reward.fail_together(error, "before scoring", update, sync)
         scored = self.reward.score(prompts, completions, lengths=lengths, update_stats=update, sync=sync)
         return self._finish(scored, log_metric, log_extra, lengths)
 
@@ -370,15 +379,29 @@ class AsyncSteerRewardFunc(SteerRewardFunc):
     async def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                        log_metric: Callable | None = None, log_extra: Callable | None = None,
                        **_: Any) -> list[float]:
-        update, sync, lengths = self._plan(completions, completion_ids, log_metric)
+        update, sync, lengths, error = self._plan(completions, completion_ids, log_metric)
         turn = _MERGE_TURNS.take(sync)
         try:
-            attributes = await self.reward.ascore_attributes(prompts, completions)
+            attributes, failure = await _scored_or_failed(self.reward, prompts, completions, error)
             await turn.reached()
+            if failure is not None:  # carried into this face's merge, in its turn like every other merge
+                self.reward.fail_together(*failure, update, sync)
             rewards = self.reward.rewards(attributes, lengths, update, sync)
         finally:
             await turn.release()
         return self._finish(ScoredBatch(attributes, rewards), log_metric, log_extra, lengths)
+
+
+async def _scored_or_failed(reward: Any, prompts: Sequence, completions: Sequence,
+                            error: Exception | None) -> tuple[Any, tuple[Exception, str] | None]:
+    """(attributes, None), or (None, (the error, the ``fail_together`` stage it stopped at)) for an async face to
+    carry into its merge when its turn comes: raising at once would leave the other ranks waiting in that merge."""
+    if error is not None:
+        return None, (error, "before scoring")
+    try:
+        return await reward.ascore_attributes(prompts, completions), None
+    except Exception as err:  # noqa: BLE001 - a failure on this rank alone must reach the others
+        return None, (err, "scoring")
 
 
 def _log_attributes(prefix: str, attributes: Any, schema: Any, log_metric: Callable | None,
@@ -467,8 +490,8 @@ class SharedAttributeForward(_TrlFace):
             hit = self._cached(member, key)
             if hit is not None:
                 return hit
-            update, sync, lengths = self._plan(completions, completion_ids, log_metric)
-            scores = self.reward.scorer.score(prompts, completions)
+            update, sync, lengths, error = self._plan(completions, completion_ids, log_metric)
+            scores = self.reward.score_attributes(prompts, completions, update_stats=update, sync=sync, error=error)
             result = self._shape(scores, lengths, update, sync)
             self._store(member, key, result)
             return result
@@ -482,13 +505,15 @@ class SharedAttributeForward(_TrlFace):
         if self._key == key and member not in self._served and self._task is not None:
             self._served.add(member)
             return await self._task
-        update, sync, lengths = self._plan(completions, completion_ids, log_metric)
+        update, sync, lengths, error = self._plan(completions, completion_ids, log_metric)
         turn = _MERGE_TURNS.take(sync)
 
         async def run() -> tuple[torch.Tensor, torch.Tensor]:
             try:
-                attributes = await self.reward.ascore_attributes(prompts, completions)
+                attributes, failure = await _scored_or_failed(self.reward, prompts, completions, error)
                 await turn.reached()
+                if failure is not None:  # carried into this group's merge, in its turn like every other merge
+                    self.reward.fail_together(*failure, update, sync)
                 return self._shape(attributes, lengths, update, sync)
             finally:
                 await turn.release()
@@ -644,22 +669,24 @@ class ShaperStateCallback(TrainerCallback):
             self._cycle_start_state = self.shaper.state_dict()  # the first step generates (TRL's step counter is 0)
 
     def _restore(self, args: Any, state: Any) -> None:
-        from steer_reward.distributed import broadcast_from_rank0, rank
+        from steer_reward.distributed import broadcast_from_rank0, rank, shared_error
 
         # Rank 0 reads and every rank loads what rank 0 read: a rank that cannot see the checkpoint (a node-local
         # disk) must not start from its own fresh statistics while the others resume, and an error must reach
-        # every rank rather than leave the others waiting in the next collective.
+        # every rank rather than leave the others waiting in the broadcast or the next collective.
         found = self._read_state(args, state) if rank() == 0 else None
         found = broadcast_from_rank0(found)
         if found is None:
             return
         if "error" in found:
-            raise FileNotFoundError(found["error"])
+            raise shared_error(found.get("type", "FileNotFoundError"), found["error"])
         self.shaper.load_state_dict(found["state"])
         self.restored_from = Path(found["path"])
 
     def _read_state(self, args: Any, state: Any) -> dict | None:
-        """``{"state", "path"}`` of the checkpoint to resume from, ``{"error"}``, or None when not resuming."""
+        """``{"state", "path"}`` of the checkpoint to resume from, ``{"error", "type"}``, or None when not
+        resuming. Under several ranks a file that cannot be read is an ``{"error"}`` too: rank 0 must still join
+        the broadcast the others wait in, and every rank then raises it."""
         # Trainer has already loaded trainer_state.json when resuming, so global_step names the checkpoint.
         if self.resume_from is not None:
             path = Path(self.resume_from)
@@ -672,4 +699,13 @@ class ShaperStateCallback(TrainerCallback):
                 return None
         else:
             return None
-        return {"state": json.loads(path.read_text()), "path": str(path)}
+        try:
+            return {"state": json.loads(path.read_text()), "path": str(path)}
+        except Exception as err:  # noqa: BLE001 - every rank waits in the broadcast for what rank 0 read
+            from steer_reward.distributed import shared_type_name, world_size
+
+            if world_size() < 2:
+                raise
+            cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return {"error": f"rank 0 cannot read the steer-reward shaper state {path} ({cause})",
+                    "type": shared_type_name(err)}
