@@ -40,7 +40,7 @@ from steer_reward.config import BatchingConfig, ConfigError, SteerRewardConfig
 from steer_reward.distributed import (DistributedError, RankMomentsSync, agreed_failure, collective,
                                       ensure_process_group, is_distributed, local_device, rank, skip_cpu_shm_build,
                                       world_size)
-from steer_reward.formatting import EncodedSample, FormattingError, RewardFormatter
+from steer_reward.formatting import EncodedSample, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
 from steer_reward.planning import plan_microbatches, rope_alone_from
 from steer_reward.ragged import RaggedLayout, Segment, run_ragged
