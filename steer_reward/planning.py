@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["plan_microbatches", "plan_min_padding", "padded_tokens", "fill_forwards", "kv_token_cost",
+__all__ = ["plan_microbatches", "padded_tokens", "fill_forwards", "kv_token_cost",
            "rope_alone_from"]
 
 
@@ -47,42 +47,6 @@ def plan_microbatches(lengths: Sequence[int], max_tokens: int, max_batch_size: i
         longest = max(longest, lengths[i])
     if current:
         batches.append(current)
-    return batches
-
-
-def plan_min_padding(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
-                     overhead_tokens: int = 0) -> list[list[int]]:
-    """Length-sorted micro-batches that minimise padded tokens plus ``overhead_tokens`` per forward.
-
-    Same budget as ``plan_microbatches`` (padded tokens ≤ ``max_tokens``, rows ≤ ``max_batch_size``; a sequence
-    longer than the budget runs alone), but cut points are chosen by dynamic programming over the sorted
-    lengths instead of greedily filling the budget, so a short sequence is not padded to a long one just
-    because the budget allows it. ``overhead_tokens`` is the fixed cost of one forward counted in tokens.
-
-    >>> plan_min_padding([500, 40, 480, 30], max_tokens=4096, max_batch_size=8, overhead_tokens=64)
-    [[0, 2], [1, 3]]
-    """
-    if max_tokens <= 0 or max_batch_size <= 0:
-        raise ValueError("max_tokens and max_batch_size must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    n = len(order)
-    # cost[j]: cheapest plan of order[j:]; cut[j]: end of the first batch of that plan.
-    cost = [0.0] * (n + 1)
-    cut = [n] * (n + 1)
-    for j in range(n - 1, -1, -1):
-        longest = lengths[order[j]]
-        cost[j] = float("inf")
-        for end in range(j + 1, min(n, j + max_batch_size) + 1):
-            rows = end - j
-            if rows > 1 and rows * longest > max_tokens:
-                break
-            candidate = rows * longest + overhead_tokens + cost[end]
-            if candidate < cost[j]:
-                cost[j], cut[j] = candidate, end
-    batches, j = [], 0
-    while j < n:
-        batches.append(order[j:cut[j]])
-        j = cut[j]
     return batches
 
 

@@ -13,7 +13,7 @@ from steer_reward.backends.local import LocalBackend
 from steer_reward.config import BatchingConfig, ConfigError, load_config
 from steer_reward.formatting import EncodedSample
 from steer_reward.forward import find_head
-from steer_reward.planning import fill_forwards, plan_microbatches, plan_min_padding
+from steer_reward.planning import fill_forwards
 from steer_reward.prefix_sharing import (ForwardBudget, group_by_prompt, plan_group_forwards,
                                          prefix_sharing_unsupported)
 
@@ -294,18 +294,6 @@ def test_fill_forwards_and_attention_buckets_are_partitions(seed):
         assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
     assert len(plan_attention_buckets(lengths, 10_000)) == 1
     assert len(plan_attention_buckets(lengths, 1)) == len(set(lengths))
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_min_padding_plan_is_a_partition_within_budget_and_never_pads_more(seed):
-    rng = random.Random(seed)
-    lengths = [rng.randint(1, 500) for _ in range(rng.randint(1, 40))]
-    plan = plan_min_padding(lengths, max_tokens=2048, max_batch_size=8, overhead_tokens=0)
-    assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
-    assert all(len(b) <= 8 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 2048) for b in plan)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in plan)
-    greedy = sum(max(lengths[i] for i in b) * len(b) for b in plan_microbatches(lengths, 2048, 8))
-    assert padded <= greedy
 
 
 def test_strategy_is_validated():
