@@ -187,7 +187,6 @@ class RaggedLayout:
     """
 
     segments: list[Segment]
-    pad_id: int = 0
     call_tokens: int = 64
     """Fixed cost of one fused attention call, in tokens (see ``plan_attention_buckets``)."""
     prompt_kv: Mapping[Hashable, LayerKV] = field(default_factory=dict)
