@@ -144,14 +144,15 @@ def ensure_process_group(timeout_s: float) -> bool:
     return True
 
 
-def all_reduce_max(value: int, device: torch.device | str = "cpu", timeout_s: float | None = None) -> int:
-    """The largest ``value`` over all ranks (``value`` itself in a single process)."""
+def all_reduce_max(values: Sequence[int], device: torch.device | str = "cpu", timeout_s: float | None = None,
+                   what: str = "agreeing on counts (all-reduce MAX)") -> list[int]:
+    """The element-wise largest of ``values`` over all ranks, in one all-reduce (``values`` in a single process)."""
     if not is_distributed():
-        return int(value)
-    tensor = torch.tensor([int(value)], dtype=torch.long, device=device)
-    with collective("agreeing on the micro-batch count (all-reduce MAX)", timeout_s):
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
+    with collective(what, timeout_s):
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
+    return [int(v) for v in tensor.tolist()]
 
 
 _SHARED_TYPES = {cls.__name__: cls for cls in (FormattingError, ConfigError, ValueError, TypeError, FileNotFoundError,

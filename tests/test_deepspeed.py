@@ -442,7 +442,7 @@ def test_zero3_backend_runs_the_local_plan_and_dummy_forwards_of_each_kind(demo_
                                       BatchingConfig(strategy=strategy, forward_overhead_tokens=0))
     assert backend.strategy == strategy
     mine = dict(backend.kind_calls)
-    monkeypatch.setattr(ds, "_all_reduce_max", lambda values, device, timeout: [v + 2 for v in values[:3]] + [0])
+    monkeypatch.setattr(ds, "all_reduce_max", lambda values, device, timeout, what: [v + 2 for v in values[:3]] + [0])
     got = backend.attributes(samples)
     reference = torch.stack([plain_hf_attributes(demo_scorer.model, s.input_ids) for s in samples])
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
@@ -512,7 +512,7 @@ def test_zero3_rank_whose_forward_failed_part_way_refuses_later_calls(demo_score
     backend = ds.ZeroInferenceBackend(engine, demo_scorer.tokenizer.pad_token_id, 9,
                                       BatchingConfig(strategy="prefix", forward_overhead_tokens=0))
     agreements = []
-    monkeypatch.setattr(ds, "_all_reduce_max", lambda values, device, timeout: agreements.append(values) or values)
+    monkeypatch.setattr(ds, "all_reduce_max", lambda values, device, timeout, what: agreements.append(values) or values)
     with pytest.raises(FormattingError):
         backend.attributes([], error=FormattingError("bad one"))
     reference = torch.stack([plain_hf_attributes(demo_scorer.model, s.input_ids) for s in samples])
@@ -537,7 +537,7 @@ def test_zero3_planning_failure_rides_the_count_agreement_and_leaves_the_rank_in
     backend = ds.ZeroInferenceBackend(EngineStub(demo_scorer.model), demo_scorer.tokenizer.pad_token_id, 9,
                                       BatchingConfig(strategy="prefix", forward_overhead_tokens=0))
     agreements = []
-    monkeypatch.setattr(ds, "_all_reduce_max", lambda values, device, timeout: agreements.append(values) or values)
+    monkeypatch.setattr(ds, "all_reduce_max", lambda values, device, timeout, what: agreements.append(values) or values)
     real_plan = backend.groups.plan
     monkeypatch.setattr(backend.groups, "plan", lambda *a: (_ for _ in ()).throw(KeyError("a plan bug")))
     with pytest.raises(DistributedError, match=r"no rank scored this batch \(rank 0: KeyError: 'a plan bug'\)"):

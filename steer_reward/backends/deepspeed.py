@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from steer_reward.config import BatchingConfig, ConfigError, SteerRewardConfig
-from steer_reward.distributed import (DistributedError, RankMomentsSync, agreed_failure, collective,
-                                      ensure_process_group, is_distributed, local_device, rank, skip_cpu_shm_build,
+from steer_reward.distributed import (DistributedError, RankMomentsSync, agreed_failure, all_reduce_max,
+                                      collective, ensure_process_group, local_device, rank, skip_cpu_shm_build,
                                       world_size)
 from steer_reward.formatting import EncodedSample, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
@@ -97,16 +97,6 @@ FORWARD_KINDS = ("prefill", "completion", "padded")
 """Kinds of forward whose counts ranks agree on: ragged prefill, ragged completion, right-padded micro-batch."""
 
 
-def _all_reduce_max(values: Sequence[int], device: torch.device, timeout_s: float | None) -> list[int]:
-    """Element-wise MAX of ``values`` over all ranks, one all-reduce (``values`` itself in a single process)."""
-    if not is_distributed():
-        return [int(v) for v in values]
-    tensor = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
-    with collective("agreeing on the forward counts (all-reduce MAX)", timeout_s):
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return [int(v) for v in tensor.tolist()]
-
-
 SCORING_FAILED = "a rank could not start this scoring call, so no rank scored this batch"
 """What every rank says when the count agreement carried a rank's failure (``distributed.agreed_failure``)."""
 
@@ -151,10 +141,8 @@ class ZeroInferenceBackend:
 
     def plan(self, samples: Sequence[EncodedSample]) -> list[list[int]]:
         """The real forwards ``attributes(samples)`` runs on this rank, each as the samples it computes."""
-        if self.groups is not None:
-            return [f.samples for f in self.groups.plan(samples, self.strategy).forwards]
-        return plan_microbatches([len(s) for s in samples], self.batching.max_tokens, self.batching.max_batch_size,
-                                 rope_alone_from(self._config))
+        plan, batches, _ = self._plan_kinds(samples)
+        return [f.samples for f in plan.forwards] if plan is not None else batches
 
     def run_microbatch(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Attributes of one micro-batch. Shape: ``(b, K)``, float32.
@@ -221,7 +209,8 @@ class ZeroInferenceBackend:
             except Exception as err:  # noqa: BLE001 - any failure here must reach the other ranks
                 plan, batches, mine, error = None, [], [0, 0, 0], err
         with self._in_step():
-            agreed = _all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s)
+            agreed = all_reduce_max(mine + [int(error is not None)], self.device, self.timeout_s,
+                                    "agreeing on the forward counts (all-reduce MAX)")
             failure = agreed_failure(error, SCORING_FAILED, self.timeout_s) if agreed[-1] else None
         if failure is not None:
             raise failure from error  # every rank raises it here, still in step
