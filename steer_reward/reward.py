@@ -90,10 +90,9 @@ class SteerReward:
         if lengths is None:
             lengths = attributes.completion_lengths
         else:
-            try:
-                lengths = lengths_tensor(lengths, len(attributes))
-            except ValueError as err:
-                self.fail_together(err, "after scoring", update_stats, sync)
+            lengths, error = self._checked_lengths(lengths, len(attributes))
+            if error is not None:
+                self.fail_together(error, "after scoring", update_stats, sync)
         return self.shaper(attributes.values, lengths, update_stats=update_stats, sync=sync)
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
@@ -104,7 +103,7 @@ class SteerReward:
         ``lengths`` are checked before scoring, so that when ranks score together (ZeRO-3) a refusal on one rank
         ends the call on every rank at once (``fail_together``).
         """
-        lengths, error = self._checked_lengths(lengths, completions)
+        lengths, error = self._checked_lengths(lengths, len(completions))
         attributes = self.score_attributes(prompts, completions, update_stats=update_stats, sync=sync, error=error)
         return ScoredBatch(attributes, self.rewards(attributes, lengths, update_stats, sync))
 
@@ -114,12 +113,13 @@ class SteerReward:
 
     @staticmethod
     def _checked_lengths(lengths: Sequence[int] | torch.Tensor | None,
-                         completions: Sequence[Completion]) -> tuple[torch.Tensor | None, Exception | None]:
-        """(``lengths`` as a tensor, None) when they fit ``completions``, else (None, the refusal)."""
+                         count: int) -> tuple[torch.Tensor | None, Exception | None]:
+        """(``lengths`` as a tensor, None) when they give one count per each of ``count`` samples, else (None, the
+        refusal)."""
         if lengths is None:
             return None, None
         try:
-            return lengths_tensor(lengths, len(completions)), None
+            return lengths_tensor(lengths, count), None
         except (TypeError, ValueError) as err:
             return None, err
 
@@ -189,7 +189,7 @@ class SteerReward:
                      lengths: Sequence[int] | torch.Tensor | None = None, update_stats: bool = False,
                      sync: MomentsSync | None = None) -> ScoredBatch:
         """``score`` for async callers (see ``ascore_attributes``)."""
-        lengths, error = self._checked_lengths(lengths, completions)
+        lengths, error = self._checked_lengths(lengths, len(completions))
         if error is not None:
             self.fail_together(error, "before scoring", update_stats, sync)
         try:
