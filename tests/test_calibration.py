@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from scipy.stats import spearmanr
 
 from steer_reward.cli import main

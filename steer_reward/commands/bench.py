@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                         help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--prompts", type=int, default=None, help="unique prompts (default: 2 on cpu, 32 on cuda)")
     parser.add_argument("--group-size", type=int, default=None, help="completions per prompt (default: 8)")
-    parser.add_argument("--prompt-tokens", default=None, metavar="LO-HI", help="prompt lengths (default: 256-1024; openrlhf-client: one number)")
+    parser.add_argument("--prompt-tokens", default=None, metavar="LO-HI",
+                        help="prompt lengths (default: 256-1024; openrlhf-client: one number)")
     parser.add_argument("--completion-tokens", default=None, metavar="LO-HI",
                         help="completion lengths (default: 32-512; openrlhf-client: one number)")
     parser.add_argument("--in-flight", type=int, default=None, help="openrlhf-client: concurrent requests")
