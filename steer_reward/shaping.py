@@ -150,7 +150,8 @@ def load_fixed_stats(path: str | Path, schema: AttributeSchema) -> tuple[torch.T
 
 
 def lengths_tensor(lengths: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
-    """Completion token counts as a CPU tensor. Shape: ``(n,)``. A ``ValueError`` when they are not ``n`` numbers."""
+    """Completion token counts as a CPU tensor. Shape: ``(n,)``. A ``ValueError`` when they are not ``n`` finite
+    numbers >= 0."""
     try:
         tensor = torch.as_tensor(lengths).cpu()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -159,6 +160,12 @@ def lengths_tensor(lengths: torch.Tensor | Sequence[int], n: int) -> torch.Tenso
         raise ValueError(f"lengths must be {n} token counts, got shape {tuple(tensor.shape)} of {tensor.dtype}")
     if len(tensor) != n:
         raise ValueError(f"got {len(tensor)} lengths for {n} samples")
+    bad = ~torch.isfinite(tensor.double()) | (tensor < 0)
+    if bad.any():
+        # A NaN length would give a NaN reward, which TRL's nansum reads as "no reward" for that sample.
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(f"lengths must be finite token counts >= 0; sample {index} has {tensor[index].item()} "
+                         f"({int(bad.sum())} such)")
     return tensor
 
 

@@ -187,6 +187,9 @@ def test_running_statistics_lose_no_update_under_threads():
     ([100], "got 1 lengths for 2 samples"),
     (["a", "b"], "must be 2 token counts"),
     ([True, False], "must be 2 token counts"),
+    ([100.0, float("nan")], r"sample 1 has nan"),  # before: a NaN reward, which TRL's nansum reads as no reward
+    ([float("inf"), 3], r"sample 0 has inf"),
+    ([-1, 3], r"finite token counts >= 0; sample 0 has -1 \(1 such\)"),
 ])  # fmt: skip
 def test_lengths_that_are_not_one_count_per_sample_are_refused(lengths, message):
     with pytest.raises(ValueError, match=message):
