@@ -91,12 +91,14 @@ def test_two_servers_killed_and_restarted_every_request_answered_once_with_its_o
                                                                                             tmp_path):
     """Server 0 is SIGKILLed at a quarter of the answers and server 1 at 60 %, both while requests are in flight;
     each is restarted on its port. Clients pause at their half and three-quarter marks until the restarted server
-    is up, so the kills always land mid-traffic and both restarted servers serve again."""
+    is up (and the client no longer skips it as failed), so the kills always land mid-traffic and both restarted
+    servers serve again."""
     prompts, completions = sample_pool()
     ports = [free_port(), free_port()]
     log = tmp_path / "servers.log"
     servers = [ServerProcess(["--config", str(config_path)], port=p, log_path=log) for p in ports]
-    scorer = RemoteScorer([s.url for s in servers], retries=60, backoff_s=0.05, max_backoff_s=1.0, timeout=60)
+    scorer = RemoteScorer([s.url for s in servers], retries=60, backoff_s=0.05, max_backoff_s=1.0, timeout=60,
+                          unhealthy_s=1.0)
     total = FAULT_CLIENTS * FAULT_REQUESTS
     answers: dict[tuple[int, int], list[torch.Tensor]] = {}
     errors: list[str] = []
@@ -137,6 +139,9 @@ def test_two_servers_killed_and_restarted_every_request_answered_once_with_its_o
             killed_at.append(len(answers))
             servers[victim] = ServerProcess(["--config", str(config_path)], port=ports[victim], log_path=log)
             servers[victim].start()
+            # The client skips a server for unhealthy_s after its last failure, all of which came before the restart
+            # answered /health: past that, the clients held at the gate are sure to be sent to it too.
+            time.sleep(scorer.unhealthy_s)
             gates[victim].set()
         thread.join(timeout=900)
         assert not thread.is_alive(), "the clients did not finish within 900 s"
