@@ -212,8 +212,8 @@ def test_killing_a_replica_mid_run_loses_no_reward(agent_module, actor, ray_urls
 
 # -- clients that leave -------------------------------------------------------------------------------------------
 SLOW_BATCH_S = 5.0
-"""How long the batch in flight lasts (sized from a measured batch): the clients behind it leave, or time out at the
-gateway, within its first 3 s."""
+"""How long the batch in flight lasts at scale 1 (sized from a measured batch): the clients behind it leave, or time
+out at the gateway, within its first 3 s."""
 
 
 @pytest.fixture
@@ -333,7 +333,7 @@ def test_clients_that_leave_have_their_work_dropped_in_the_gateway_and_the_repli
     counting it as 499. The replica computes exactly what is still wanted; the requests queued with the abandoned
     ones get their own right rewards."""
     url, reference, pid = one_replica(replica_max_ongoing=4)
-    slow = _slow_batch(url)
+    slow = _slow_batch(url, 2)  # it must outlast every step below, which cannot retry once a client has left
     n = len(slow["prompts"])
     kept, gone = [_body("Kept", 2, 5), _body("Queued", 2, 6)], [_body(f"Gone {g}", 3, 5) for g in range(3)]
     before = _counters(url)
