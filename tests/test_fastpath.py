@@ -70,7 +70,6 @@ def reference(model: nn.Module, samples) -> torch.Tensor:
     return torch.stack([_REFERENCES[weights, s.input_ids] for s in samples])
 
 
-
 def test_remembered_references_tell_models_of_one_seed_apart():
     """Same seed, same first weights, other rotary scaling: a reference of one must not be reused for the other."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -85,6 +84,7 @@ def test_remembered_references_tell_models_of_one_seed_apart():
     samples = [EncodedSample(tuple(range(1, 30)), (40, 41))]
     assert not torch.equal(reference(plain, samples), reference(scaled, samples))
     torch.testing.assert_close(reference(scaled, samples)[0], plain_hf_attributes(scaled, samples[0].input_ids))
+
 
 def check_plan(backend: LocalBackend, samples) -> None:
     """plan() lists exactly the forwards attributes() ran, and covers every sample."""
@@ -145,6 +145,17 @@ def test_many_groups_share_one_prefill_and_one_completion_forward():
     check_plan(backend, samples)
 
 
+def forward_memory(plan, kv_cost: float) -> list[tuple[object, float]]:
+    """(forward, tokens it computes + kv_cost · prompt tokens whose keys and values it holds) for each forward."""
+    held, out = {}, []
+    for forward in plan.forwards:
+        kept = sum(len(s.tokens) for s in forward.segments if s.keep is not None)
+        if forward.kind == "prefill":
+            held[forward.wave] = kept
+        out.append((forward, forward.tokens + kv_cost * (kept if forward.kind == "prefill" else held[forward.wave])))
+    return out
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_waves_keep_forwards_and_held_prompts_within_the_budget(seed):
     rng = random.Random(seed)
@@ -157,14 +168,9 @@ def test_waves_keep_forwards_and_held_prompts_within_the_budget(seed):
     plan = plan_group_forwards(samples, shared, unshared, budget)
     scored = sorted(i for f in plan.forwards for rows in f.scored for i in rows)
     assert scored == list(range(len(samples)))  # every sample scored exactly once
-    held: dict[int, int] = {}
-    for forward in plan.forwards:
+    for forward, memory in forward_memory(plan, budget.kv_cost):
         assert len(forward.segments) <= 7
-        kept = sum(len(s.tokens) for s in forward.segments if s.keep is not None)
-        if forward.kind == "prefill" and forward.wave >= 0:
-            held[forward.wave] = kept
-        memory = forward.tokens + budget.kv_cost * (kept if forward.kind == "prefill" else held[forward.wave])
-        assert memory <= 300 or len(forward.segments) == 1 or (kept and len(forward.segments) == 1), forward
+        assert memory <= 300 or len(forward.segments) == 1, forward
         if forward.kind == "completion":
             assert all(s.prompt is not None and s.start == len(s.prompt) for s in forward.segments)
 
@@ -376,17 +382,6 @@ def test_prompt_cache_size_changes_wait_for_the_scoring_call_in_flight():
     assert waited and len(results) == 1
     torch.testing.assert_close(results[0], reference(model, samples), **TOL)
     assert not backend.groups.is_cached(prompt)
-
-
-def forward_memory(plan, kv_cost: float) -> list[tuple[object, float]]:
-    """(forward, tokens it computes + kv_cost · prompt tokens whose keys and values it holds) for each forward."""
-    held, out = {}, []
-    for forward in plan.forwards:
-        kept = sum(len(s.tokens) for s in forward.segments if s.keep is not None)
-        if forward.kind == "prefill":
-            held[forward.wave] = kept
-        out.append((forward, forward.tokens + kv_cost * (kept if forward.kind == "prefill" else held[forward.wave])))
-    return out
 
 
 @pytest.mark.parametrize("seed", range(40))
