@@ -332,10 +332,9 @@ class GroupScorer:
                 wave = forward.wave
             layout = self.layout(forward, ChainMap(held, cached_kv) if forward.kind == "completion" else None)
             scores = self.forward(layout)
-            for rows, row_scores in zip(forward.scored, scores):
+            for segment, rows, row_scores in zip(forward.segments, forward.scored, scores):
                 if rows:
                     out[rows] = row_scores.to(out.dtype).cpu()
-            for segment, rows, row_scores in zip(forward.segments, forward.scored, scores):
                 if forward.kind == "prefill":
                     self.prefills += 1 if segment.keep is not None else sum(1 for i in rows if samples[i].prompt_ids)
                 if segment.keep is not None:

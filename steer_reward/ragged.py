@@ -414,8 +414,8 @@ def ragged_attention_active(config) -> Iterator[None]:
 def run_ragged(backbone: nn.Module, layout: RaggedLayout) -> torch.Tensor:
     """Hidden state at the last token of every segment. Shape: ``(n_segments, d)``.
 
-    ``layout.kept`` is filled with the keys and values of the ``keep`` segments (views into this forward's
-    tensors, one entry per layer).
+    ``layout.kept`` is filled with the keys and values of the ``keep`` segments, one entry per layer: views into
+    this forward's tensors when every segment is kept, copies otherwise (``ragged_attention``).
     """
     device = next(backbone.parameters()).device
     input_ids, position_ids = layout.tensors(device)
