@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["plan_microbatches", "padded_tokens", "fill_forwards", "kv_token_cost",
+__all__ = ["plan_microbatches", "padded_tokens", "fill_forwards", "kv_token_cost", "key_value_shape",
            "rope_alone_from"]
 
 
@@ -83,11 +83,16 @@ def kv_token_cost(config) -> float:
     per token at a forward's peak (residual, normed input, and the MLP's gate, up and product). About 1.5 for
     Llama shapes.
     """
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads, head_dim = key_value_shape(config)
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim
-    return kv / (2 * hidden + 3 * config.intermediate_size)
+    return kv / (2 * config.hidden_size + 3 * config.intermediate_size)
+
+
+def key_value_shape(config) -> tuple[int, int]:
+    """(key/value heads, head dimension) of a decoder config: grouped-query heads and an explicit ``head_dim``
+    when the config sets them, else one key/value head per query head of ``hidden_size / heads``."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
 
 
 def rope_alone_from(config) -> int | None:

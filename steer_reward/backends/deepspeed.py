@@ -42,7 +42,7 @@ from steer_reward.distributed import (DistributedError, RankMomentsSync, agreed_
                                       world_size)
 from steer_reward.formatting import EncodedSample, RewardFormatter
 from steer_reward.forward import find_head, pad_right, pool_last_token, read_outputs
-from steer_reward.planning import plan_microbatches, rope_alone_from
+from steer_reward.planning import key_value_shape, plan_microbatches, rope_alone_from
 from steer_reward.ragged import RaggedLayout, Segment, run_ragged
 from steer_reward.scoring import AttributeScores, AttributeScorer
 
@@ -174,12 +174,10 @@ class ZeroInferenceBackend:
         prompt_kv = {}
         segment = Segment((self.pad_id,))
         if kind == "completion":
-            config = self._config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            kv_heads, head_dim = key_value_shape(self._config)
             dtype = next(self.engine.module.parameters()).dtype
             zeros = torch.zeros((1, kv_heads, 1, head_dim), dtype=dtype, device=self.device)
-            prompt_kv = {"dummy": [(zeros, zeros)] * config.num_hidden_layers}
+            prompt_kv = {"dummy": [(zeros, zeros)] * self._config.num_hidden_layers}
             segment = Segment((self.pad_id,), start=1, prompt="dummy")
         with torch.no_grad(), collective(f"a ZeRO-3 {kind} forward (parameter all-gather)", self.timeout_s):
             self.engine(ragged=RaggedLayout([segment], prompt_kv=prompt_kv))

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from steer_reward.formatting import EncodedSample
+from steer_reward.planning import key_value_shape
 from steer_reward.prefix_sharing import group_by_prompt
 
 __all__ = ["useful_flops", "unique_tokens", "linear_shapes", "gemm_throughput", "synchronize"]
@@ -45,9 +46,9 @@ def useful_flops(samples: Sequence[EncodedSample], non_embedding_params: int, la
 def linear_shapes(config) -> list[tuple[int, int]]:
     """(in, out) of each linear map of one decoder layer (q, k, v, o, gate, up, down)."""
     d = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv_heads, head_dim = key_value_shape(config)
     q = config.num_attention_heads * head_dim
-    kv = config.num_key_value_heads * head_dim
+    kv = kv_heads * head_dim
     inter = config.intermediate_size
     return [(d, q), (d, kv), (d, kv), (q, d), (d, inter), (d, inter), (inter, d)]
 
