@@ -68,7 +68,8 @@ class ServerMetrics:
         self.completion_truncated = prom.Counter("steer_reward_completion_tokens_truncated",
                                                  "Completion tokens cut (model.overlong: truncate) because the "
                                                  "completion did not fit model.max_length next to the prompt "
-                                                 "(whose last max_length // 4 tokens are always kept)", registry=self.registry)
+                                                 "(whose last max_length // 4 tokens are always kept)",
+                                                 registry=self.registry)
         self.out_of_memory = prom.Counter("steer_reward_out_of_memory", "Out-of-memory errors of the model; each "
                                           "halves the batch token budget", registry=self.registry)
         self.batch_token_budget = prom.Gauge("steer_reward_batch_token_budget", "Token budget batches are cut to "
